@@ -1,0 +1,32 @@
+"""`synthcxr model ...` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("make-tiny")
+def make_tiny(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline to.")],
+    resolution: Annotated[int, typer.Option(help="Pixel resolution the tiny model is built for.")] = 64,
+    prediction_type: Annotated[str, typer.Option(help="epsilon (SD 1.x / SD 2.x base) or v_prediction (SD 2.x 768).")] = "epsilon",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Build a tiny random-initialised SD pipeline (UNet, VAE, CLIP text encoder, tokenizer), offline."""
+    from synthcxr.errors import ConfigError
+    from synthcxr.models.tiny import make_tiny_model
+
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"unknown --prediction-type {prediction_type!r}", fix="use epsilon or v_prediction")
+    if resolution % 8 or resolution < 16:
+        raise ConfigError(f"--resolution {resolution} must be a multiple of 8 and at least 16")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError("output folder exists and is not empty", file=out_dir,
+                          fix="choose a new folder; nothing was overwritten")
+    make_tiny_model(out_dir, sample_size=resolution, prediction_type=prediction_type, seed=seed)
+    typer.echo(str(out_dir))

@@ -1,0 +1,174 @@
+"""Load a Stable Diffusion model from a local diffusers folder, a single checkpoint file, a hub id,
+or a synthcxr training run (base model + LoRA, or a fine-tuned pipeline).
+
+Hub ids are resolved from the local Hugging Face cache first; without a cached copy and without
+network we fail at once (no long retries) and say to pass a local path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from synthcxr.errors import ModelError
+from synthcxr.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+RUN_MODEL_FILE = "synthcxr_model.json"
+"""Written by training into a run directory: {"base_model": ..., "pipeline": rel|None, "lora": rel|None}."""
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_HOST = ("huggingface.co", 443)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a `--model` argument points at."""
+
+    kind: str  # "folder" | "file" | "hub" | "run"
+    location: str
+    base_model: str | None = None
+    lora: Path | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_source(model: str | os.PathLike) -> ModelSource:
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        run_file = path / RUN_MODEL_FILE
+        if run_file.is_file():
+            info = json.loads(run_file.read_text())
+            pipeline_rel = info.get("pipeline")
+            lora_rel = info.get("lora")
+            if pipeline_rel:
+                return ModelSource("run", str(path / pipeline_rel), base_model=info.get("base_model"),
+                                   lora=path / lora_rel if lora_rel else None)
+            if not info.get("base_model"):
+                raise ModelError("run has neither a pipeline nor a base model", file=run_file,
+                                 fix="finish or re-run training for this run")
+            return ModelSource("run", str(info["base_model"]), base_model=info["base_model"],
+                               lora=path / lora_rel if lora_rel else None)
+        if (path / "model_index.json").is_file():
+            return ModelSource("folder", str(path))
+        if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+            raise ModelError("this looks like a training run without final weights", file=path,
+                             fix="let training finish (or resume it with --resume) before generating from it")
+        raise ModelError("folder is not a diffusers model (no model_index.json)", file=path,
+                         fix="pass a diffusers model folder, a .safetensors/.ckpt file, a synthcxr run directory, or a hub id")
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ModelError(f"unsupported model file type {path.suffix!r}", file=path,
+                             fix=f"pass one of {', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder")
+        return ModelSource("file", str(path))
+    if HUB_ID.match(text) and not text.startswith((".", "/")):
+        return ModelSource("hub", text)
+    raise ModelError("model not found", file=text,
+                     fix="pass an existing diffusers folder, a .safetensors/.ckpt file, or a hub id like org/name")
+
+
+def _hub_local_or_fail(repo_id: str) -> tuple[str, bool]:
+    """Return (repo_id, local_files_only); raise at once when neither cache nor network has it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, local_files_only=True, allow_patterns=["model_index.json"])
+        return repo_id, True
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise ModelError(
+            f"hub id {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached",
+            fix=f"download the model on a networked machine (huggingface-cli download {repo_id} --local-dir DIR) "
+            "and pass --model DIR, or pass a local .safetensors/.ckpt file",
+        )
+    return repo_id, False
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    torch_dtype: Any = None,
+    device: str | None = None,
+    prediction_type: str | None = None,
+    single_file_config: str | os.PathLike | None = None,
+    load_lora: bool = True,
+):
+    """Return a `StableDiffusionPipeline` (SD 1.x/2.x, epsilon or v-prediction), safety checker off.
+
+    `prediction_type` overrides the scheduler's (SD 2.x 768 models use "v_prediction").
+    `single_file_config` is a local diffusers folder giving the architecture of a single-file
+    checkpoint, needed offline (diffusers otherwise fetches the config from the hub).
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_source(model)
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        if source.kind == "file":
+            pipe = _load_single_file(StableDiffusionPipeline, source.location, single_file_config, kwargs)
+        elif source.kind == "hub" or (source.kind == "run" and resolve_source(source.location).kind == "hub"):
+            repo_id, local_only = _hub_local_or_fail(source.location)
+            pipe = StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=local_only, **kwargs)
+        elif source.kind == "run" and Path(source.location).is_file():
+            pipe = _load_single_file(StableDiffusionPipeline, source.location, single_file_config, kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **kwargs)
+    except ModelError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelError(f"could not load the model: {exc}", file=source.location,
+                         fix="check that the folder/file is a complete Stable Diffusion 1.x/2.x model") from exc
+    if source.lora is not None and load_lora:
+        if not source.lora.exists():
+            raise ModelError("LoRA weights listed by the run are missing", file=source.lora,
+                             fix="re-export the run's final weights (resume training)")
+        pipe.load_lora_weights(str(source.lora.parent), weight_name=source.lora.name)
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelError(f"unknown prediction_type {prediction_type!r}", fix="use epsilon or v_prediction")
+        pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if torch_dtype is None and pipe.unet.dtype != torch.float32 and (device or "cpu") == "cpu":
+        pipe.to(torch.float32)
+    return pipe
+
+
+def _load_single_file(pipeline_cls, path: str, config: str | os.PathLike | None, kwargs: dict[str, Any]):
+    extra: dict[str, Any] = {}
+    if config is not None:
+        extra["config"] = str(config)
+        extra["local_files_only"] = True
+    elif not hub_reachable():
+        extra["local_files_only"] = True
+    try:
+        return pipeline_cls.from_single_file(path, **extra, **kwargs)
+    except Exception as exc:  # diffusers raises many types here; all mean "cannot infer/convert"
+        raise ModelError(
+            f"could not load single-file checkpoint: {exc}",
+            file=path,
+            fix="offline, pass --single-file-config DIR pointing at a local diffusers folder of the same "
+            "architecture (e.g. an SD 1.5 or SD 2.1 folder), or convert the checkpoint to a diffusers folder",
+        ) from exc
