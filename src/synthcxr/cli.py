@@ -15,7 +15,7 @@ from synthcxr.data.commands import app as data_app
 from synthcxr.demo import demo
 from synthcxr.evaluate.commands import evaluate
 from synthcxr.generate.commands import generate
-from synthcxr.grid.commands import app as grid_app
+from synthcxr.grid.commands import grid
 from synthcxr.models.commands import app as model_app
 from synthcxr.report.commands import report
 from synthcxr.study.commands import app as study_app
@@ -59,7 +59,7 @@ app.command("train", help="Fine-tune a model (DreamBooth, LoRA, full) from a YAM
 app.command("generate", help="Generate synthetic chest X-rays (PNG or DICOM) from a model or run.")(generate)
 app.command("evaluate", help="FID/KID, precision/recall, diversity, memorization and utility.")(evaluate)
 app.add_typer(study_app, name="study", help="Blinded reader study web app for realism ratings.")
-app.add_typer(grid_app, name="grid", help="Run a grid of experiments (train -> generate -> evaluate).")
+app.command("grid", help="Run a grid of experiments (train -> generate -> evaluate), resumable.")(grid)
 app.command("report", help="Build one HTML report comparing runs.")(report)
 app.command("demo", help="Run the whole pipeline on a tiny model and sample data (CPU, minutes).")(demo)
 

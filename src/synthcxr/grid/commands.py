@@ -1,5 +1,7 @@
-"""`synthcxr grid ...` commands (being built)."""
+"""`synthcxr grid` command (being built)."""
 
-import typer
+from synthcxr.errors import SynthCXRError
 
-app = typer.Typer(no_args_is_help=True)
+
+def grid() -> None:
+    raise SynthCXRError("not built yet")
