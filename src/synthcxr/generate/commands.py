@@ -1,7 +1,59 @@
-"""`synthcxr generate` command (being built)."""
+"""`synthcxr generate`: options -> `GenerateConfig` -> `generate_images`.
 
-from synthcxr.errors import SynthCXRError
+Precedence: defaults < `--config FILE` < `--set key=value` < explicit options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
 
 
-def generate() -> None:
-    raise SynthCXRError("not built yet")
+def generate(
+    model: Annotated[str | None, typer.Option(help="Diffusers folder, .safetensors/.ckpt file, synthcxr run directory, or hub id.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt for every image.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
+    n: Annotated[int | None, typer.Option("--n", "-n", help="Number of images (default 16; per CSV row without n/count).")] = None,
+    prompts_csv: Annotated[Path | None, typer.Option(help="CSV of clinical attributes: sex, age, finding/label, optional n/count, prompt.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of image 0; image i uses seed + i (default 0).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default 4); does not change the images.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 30).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default 7.5).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="ddim, dpmsolver++ (default), euler, euler_a, pndm, unipc.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image size in pixels (default: the model's).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (default: fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (default), cpu, cuda, cuda:N.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="png (default) or dicom (Secondary Capture).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default ./generated); re-run to resume.")] = None,
+    single_file_config: Annotated[Path | None, typer.Option(help="Local diffusers folder giving a single-file checkpoint's architecture.")] = None,
+    prediction_type: Annotated[str | None, typer.Option(help="Override: epsilon or v_prediction (SD 2.x 768).")] = None,
+    channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="Channels-last memory layout (default: on for CUDA).")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet (default: on for CUDA).")] = None,
+    decode_batch_size: Annotated[int | None, typer.Option(help="Latents per VAE decode call.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file with any of these settings.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: key=value (repeatable), e.g. captions.template=...")] = None,
+) -> None:
+    """Generate synthetic chest X-rays (PNG with provenance, or DICOM), resumable, with a manifest."""
+    from synthcxr.config import apply_overrides, build_config, read_yaml
+    from synthcxr.generate.sample import MANIFEST, GenerateConfig, generate_images
+
+    data: dict[str, Any] = read_yaml(config) if config else {}
+    apply_overrides(data, set_ or [])
+    explicit = {
+        "model": model, "prompt": prompt, "negative_prompt": negative_prompt, "n": n, "prompts_csv": prompts_csv,
+        "seed": seed, "batch_size": batch_size, "steps": steps, "guidance": guidance, "scheduler": scheduler,
+        "resolution": resolution, "dtype": dtype, "device": device, "format": format, "out": out,
+        "single_file_config": single_file_config, "prediction_type": prediction_type,
+        "channels_last": channels_last, "compile": compile, "decode_batch_size": decode_batch_size,
+    }
+    data.update({k: v for k, v in explicit.items() if v is not None})
+    if "model" not in data:
+        from synthcxr.errors import ConfigError
+
+        raise ConfigError("no model given", fix="pass --model DIR_OR_FILE (e.g. a folder made by `synthcxr model make-tiny`)")
+    source = f"{config} + options" if config else "command-line options"
+    cfg = build_config(GenerateConfig, data, source)
+    out_dir = generate_images(cfg)
+    typer.echo(f"images in {out_dir.resolve()} (manifest: {(out_dir / MANIFEST).resolve()})")

@@ -54,7 +54,14 @@ def resolve_source(model: str | os.PathLike) -> ModelSource:
     if path.is_dir():
         run_file = path / RUN_MODEL_FILE
         if run_file.is_file():
-            info = json.loads(run_file.read_text())
+            try:
+                info = json.loads(run_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ModelError(f"not valid JSON: {exc}", file=run_file,
+                                 fix="re-export the run's final weights (resume training)") from exc
+            base = info.get("base_model")
+            if base and not Path(base).expanduser().is_absolute() and (path / base).exists():
+                info["base_model"] = str(path / base)  # a base model stored relative to the run
             pipeline_rel = info.get("pipeline")
             lora_rel = info.get("lora")
             if pipeline_rel:
@@ -110,20 +117,24 @@ def load_pipeline(
     prediction_type: str | None = None,
     single_file_config: str | os.PathLike | None = None,
     load_lora: bool = True,
+    fuse_lora: bool = True,
 ):
     """Return a `StableDiffusionPipeline` (SD 1.x/2.x, epsilon or v-prediction), safety checker off.
 
     `prediction_type` overrides the scheduler's (SD 2.x 768 models use "v_prediction").
     `single_file_config` is a local diffusers folder giving the architecture of a single-file
     checkpoint, needed offline (diffusers otherwise fetches the config from the hub).
+    A run's LoRA is loaded (`load_lora`) and merged into the weights (`fuse_lora`) for fast sampling;
+    pass `fuse_lora=False` to keep it as a switchable adapter.
     """
     import torch
     from diffusers import StableDiffusionPipeline
 
+    _quiet_loading()
     source = resolve_source(model)
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs[_dtype_kwarg()] = torch_dtype
     try:
         if source.kind == "file":
             pipe = _load_single_file(StableDiffusionPipeline, source.location, single_file_config, kwargs)
@@ -136,7 +147,7 @@ def load_pipeline(
             pipe = StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **kwargs)
     except ModelError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"could not load the model: {exc}", file=source.location,
                          fix="check that the folder/file is a complete Stable Diffusion 1.x/2.x model") from exc
     if source.lora is not None and load_lora:
@@ -144,6 +155,10 @@ def load_pipeline(
             raise ModelError("LoRA weights listed by the run are missing", file=source.lora,
                              fix="re-export the run's final weights (resume training)")
         pipe.load_lora_weights(str(source.lora.parent), weight_name=source.lora.name)
+        if fuse_lora:
+            # merge the low-rank update into the base weights: same images, no extra matmuls per step
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ModelError(f"unknown prediction_type {prediction_type!r}", fix="use epsilon or v_prediction")
@@ -154,6 +169,22 @@ def load_pipeline(
     if torch_dtype is None and pipe.unet.dtype != torch.float32 and (device or "cpu") == "cpu":
         pipe.to(torch.float32)
     return pipe
+
+
+def _dtype_kwarg() -> str:
+    """diffusers >= 0.36 names the argument `dtype` (and warns about `torch_dtype`); older ones `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _quiet_loading() -> None:
+    """Our own progress bars and logs report loading; the libraries' per-component bars are noise."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _load_single_file(pipeline_cls, path: str, config: str | os.PathLike | None, kwargs: dict[str, Any]):

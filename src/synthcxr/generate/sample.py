@@ -1,0 +1,263 @@
+"""Generate synthetic chest X-rays from a model or a training run: images + `manifest.jsonl`, resumable.
+
+Guarantees a user relies on:
+- the same seed gives the same image: image i uses its own generator seeded with `seed + i`, so
+  the batch size and the resume point do not change any image;
+- an interrupted run continues where it stopped: each file is written atomically and its manifest
+  line appended after it, so a listed file is complete; listed files whose sha256 matches are skipped;
+- nothing a user made is overwritten: a folder holding another generation's manifest, or images
+  this run did not write, is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from synthcxr.config import StrictModel, save_config
+from synthcxr.data.config import CaptionConfig
+from synthcxr.errors import ConfigError
+from synthcxr.generate.schedulers import check_scheduler_name
+from synthcxr.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+MANIFEST = "manifest.jsonl"
+CONFIG_FILE = "generate_config.yaml"
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+class GenerateConfig(StrictModel):
+    """Settings of one generation; saved as `generate_config.yaml` in the output folder."""
+
+    model: str
+    """Diffusers folder, single .safetensors/.ckpt file, synthcxr run directory, or hub id (cached)."""
+    prompt: str | None = None
+    """One prompt for all `n` images (or use prompts_csv)."""
+    negative_prompt: str = ""
+    n: int = Field(16, ge=0)
+    """Images to generate (with prompts_csv: per row without an n/count column)."""
+    prompts_csv: Path | None = None
+    """CSV of clinical attributes (sex, age, finding/label, optional n/count, prompt) -> captions."""
+    captions: CaptionConfig = CaptionConfig()
+    """Caption template for prompts_csv; match the one the model was trained with."""
+    seed: int = 0
+    """Image i uses seed + i."""
+    batch_size: int = Field(4, ge=1)
+    steps: int = Field(30, ge=1)
+    guidance: float = Field(7.5, ge=0)
+    """Classifier-free guidance scale (<= 1 turns guidance off)."""
+    scheduler: str = "dpmsolver++"
+    """ddim, dpmsolver++, euler, euler_a, pndm or unipc."""
+    resolution: int | None = Field(None, ge=8)
+    """Square image size in pixels; default: the model's native size."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """auto = fp16 on CUDA, fp32 on CPU; fp16/bf16 need a GPU."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:1, mps."""
+    format: Literal["png", "dicom"] = "png"
+    out: Path = Path("generated")
+    single_file_config: Path | None = None
+    """Local diffusers folder with the architecture of a single-file checkpoint (needed offline)."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the model's prediction type (SD 2.x 768 models use v_prediction)."""
+    channels_last: bool | None = None
+    """Channels-last UNet/VAE memory layout; default: on for CUDA."""
+    compile: bool | None = None
+    """torch.compile the UNet (slow first batch, faster after); default: on for CUDA."""
+    decode_batch_size: int | None = Field(None, ge=1)
+    """Latents decoded per VAE call; default: the whole batch (CPU) or min(batch, 8) (CUDA)."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return check_scheduler_name(value)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> GenerateConfig:
+        if self.prompts_csv is None and self.prompt is None:
+            raise ValueError("give a prompt (--prompt) or a prompts_csv (--prompts-csv)")
+        if self.prompts_csv is not None and self.prompt is not None:
+            raise ValueError("give either prompt or prompts_csv, not both")
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 8")
+        return self
+
+
+# --------------------------------------------------------------------------- runtime choices
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but no CUDA GPU is available", fix="use --device cpu (or auto)")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    if name == "auto":
+        return torch.float16 if on_gpu else torch.float32
+    if name in ("fp16", "bf16") and not on_gpu:
+        raise ConfigError(f"dtype {name} needs a CUDA GPU; this run is on {device!r}",
+                          fix="use --dtype fp32 (or auto) on the CPU")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def model_id(model: str) -> str:
+    """The model as recorded in manifests: an absolute path for local models, else the hub id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------- main entry
+def generate_images(
+    cfg: GenerateConfig,
+    *,
+    pipe: Any = None,
+    on_image: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Generate every image of `cfg` not yet in `cfg.out`; return the output folder.
+
+    `pipe` reuses an already loaded pipeline (its scheduler is replaced); `on_image(row)` is called
+    after each image's file and manifest line are on disk (progress hooks, tests).
+    """
+    import torch
+
+    from synthcxr.generate.export import EXPORTERS, Provenance, provenance_time
+    from synthcxr.generate.manifest import ManifestState, plan_rows
+    from synthcxr.generate.prompts import plan_jobs
+    from synthcxr.generate.schedulers import make_scheduler
+    from synthcxr.logging_utils import progress_bar
+    from synthcxr.models.load import load_pipeline
+
+    # 1. check inputs and choose device/precision before any heavy work
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    on_gpu = device.startswith("cuda")
+    jobs = plan_jobs(cfg)
+    exporter = EXPORTERS[cfg.format]
+    out = Path(cfg.out)
+
+    # 2. load the model (unless given) and set the sampler
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, torch_dtype=dtype, device=device, prediction_type=cfg.prediction_type,
+                             single_file_config=cfg.single_file_config)
+    elif cfg.prediction_type is not None:
+        pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
+    resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    # 3. what is already done in `out`, and is it from the same settings?
+    model_name = model_id(cfg.model)
+    rows = plan_rows(jobs, model=model_name, scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance,
+                     resolution=resolution, dtype=_dtype_name(dtype), suffix=exporter.suffix)
+    state = ManifestState.open(out, rows)
+    pending = [job for job in jobs if job.index not in state.done]
+    save_config(cfg, out / CONFIG_FILE)
+    if not pending:
+        log.info("all %d images already in %s", len(jobs), out)
+        return out
+
+    # 4. speed options: on by default on CUDA only (they cost time or do nothing on a CPU)
+    if cfg.channels_last if cfg.channels_last is not None else on_gpu:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if cfg.compile if cfg.compile is not None else on_gpu:
+        pipe.unet.compile()
+    decode_batch = cfg.decode_batch_size or (min(cfg.batch_size, 8) if on_gpu else cfg.batch_size)
+    do_cfg = cfg.guidance > 1
+    embeds: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def encode(prompt: str, negative: str) -> tuple[Any, Any]:
+        """Prompt embeddings, computed once per distinct prompt (the text encoder is not re-run per batch)."""
+        key = (prompt, negative)
+        if key not in embeds:
+            embeds[key] = pipe.encode_prompt(prompt, device, 1, do_cfg, negative or None)
+        return embeds[key]
+
+    series_key = state.series_key
+    log.info("generating %d of %d images into %s (%s, %d steps, %s, %s)", len(pending), len(jobs), out,
+             cfg.scheduler, cfg.steps, device, _dtype_name(dtype))
+    with progress_bar(len(jobs), "generating", completed=len(jobs) - len(pending)) as (progress, task), \
+            torch.inference_mode():
+        for batch, todo in _aligned_batches(jobs, pending, cfg.batch_size):
+            # 5. denoise: one CPU generator per image, so image i's noise depends on seed + i only
+            pairs = [encode(job.prompt, job.negative_prompt) for job in batch]
+            generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
+            latents = pipe(
+                prompt_embeds=torch.cat([p[0] for p in pairs]),
+                negative_prompt_embeds=torch.cat([p[1] for p in pairs]) if do_cfg else None,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type="latent",
+                return_dict=False,
+            )[0]
+            # 6. decode in chunks (bounds VAE memory at high resolution) and write each image
+            images = _decode(pipe, latents, decode_batch)
+            for job, image in zip(batch, images, strict=True):
+                if job.index not in todo:
+                    continue  # finished before an interruption; recomputed only to keep batches aligned
+                prov = Provenance(model=model_name, prompt=job.prompt, negative_prompt=job.negative_prompt,
+                                  seed=job.seed, scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance,
+                                  created=provenance_time(), extra=job.attributes)
+                data = exporter.encode(image, prov, series_key, job.index + 1)
+                row = state.write(job.index, data, created=prov.created.isoformat())
+                if on_image is not None:
+                    on_image(row)
+            progress.advance(task, len(todo))  # once per batch, so the rate (and ETA) is per batch time
+    log.info("%d images in %s (manifest %s)", len(jobs), out, out / MANIFEST)
+    return out
+
+
+def _aligned_batches(jobs: list[Any], pending: list[Any], batch_size: int) -> list[tuple[list[Any], set[int]]]:
+    """Batches of images [k*batch_size, (k+1)*batch_size) that still hold unfinished images.
+
+    Floating-point results of a batched UNet/VAE depend (by ~1e-6) on which images share a batch,
+    so a resumed run recomputes the same batches as an uninterrupted one (only unfinished images
+    are written): the same seed and batch size then give identical bytes whatever the resume point.
+    """
+    todo = {job.index for job in pending}
+    batches = []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        want = {job.index for job in batch} & todo
+        if want:
+            batches.append((batch, want))
+    return batches
+
+
+def _decode(pipe: Any, latents: Any, chunk: int) -> list[Any]:
+    """Latents -> PIL images, `chunk` latents per VAE call."""
+    import torch
+
+    vae = pipe.vae
+    images = []
+    for i in range(0, latents.shape[0], chunk):
+        part = latents[i:i + chunk].to(vae.dtype) / vae.config.scaling_factor
+        images.append(vae.decode(part, return_dict=False)[0])
+    decoded = torch.cat(images)
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+def output_files(out: str | os.PathLike) -> list[Path]:
+    """The image files listed in an output folder's manifest, in index order."""
+    from synthcxr.fileio import read_jsonl
+
+    out = Path(out)
+    rows = sorted(read_jsonl(out / MANIFEST), key=lambda r: r.get("index", 0))
+    return [out / r["file"] for r in rows]
