@@ -1,5 +1,178 @@
-"""`synthcxr study ...` commands (being built)."""
+"""`synthcxr study ...`: create, serve, add-reader, reissue, status, export, analyze, simulate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default: SYNTHCXR_STUDY_DB or sqlite:///synthcxr-study/study.sqlite3); postgresql://... works.")]
+BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="Address readers use; invite links are printed with it.")]
+
+
+def _settings(db: str | None = None, **kw: object):  # noqa: ANN202 - StudySettings
+    from synthcxr.study.settings import load_settings
+
+    return load_settings(db=db, **kw)
+
+
+@app.command("create")
+def create(
+    name: Annotated[str, typer.Option("--name", help="Study name (unique in the database).")],
+    real: Annotated[list[Path] | None, typer.Option("--real", help="Folder of real control images (repeatable).")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", help="Run directory or generation folder, optionally NAME=PATH (repeatable).")] = None,
+    per_model: Annotated[int, typer.Option("--per-model", help="Images sampled per model.")] = 30,
+    real_count: Annotated[int, typer.Option("--real-count", help="Real control images sampled.")] = 30,
+    readers: Annotated[int, typer.Option("--readers", help="Number of readers (each gets a one-time invite link).")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Images each reader sees twice (intra-reader agreement).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and every reader's order.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", help="Side of the square images readers see.")] = 512,
+    questions: Annotated[Path | None, typer.Option("--questions", help="YAML questionnaire (see QuestionsConfig).")] = None,
+    finding: Annotated[bool | None, typer.Option("--finding/--no-finding", help="Ask for the finding (TB / normal / unsure).")] = None,
+    comment: Annotated[bool | None, typer.Option("--comment/--no-comment", help="Offer a comment box.")] = None,
+    directory: Annotated[Path | None, typer.Option("--dir", help="Folder for the blinded images (default: SYNTHCXR_STUDY_DIR or ./synthcxr-study).")] = None,
+    db: DbOpt = None,
+    base_url: BaseUrlOpt = None,
+) -> None:
+    """Blind and store the images, create readers, print their invite links."""
+    from synthcxr.config import load_config
+    from synthcxr.study.questions import QuestionsConfig
+    from synthcxr.study.service import create_study
+
+    settings = _settings(db, dir=directory, base_url=base_url)
+    overrides = [f"{k}={str(v).lower()}" for k, v in (("finding", finding), ("comment", comment)) if v is not None]
+    q = load_config(QuestionsConfig, questions, overrides)
+    created = create_study(settings.db, name, real=real or None, models=model or [], per_model=per_model,
+                           real_count=real_count, readers=readers, seed=seed, questions=q, repeats=repeats,
+                           image_size=image_size, study_dir=settings.dir, base_url=settings.base_url)
+    typer.echo(f"study {created.name!r}: {created.n_images} images "
+               f"({', '.join(f'{g} {n}' for g, n in sorted(created.groups.items()))}), "
+               f"{created.n_tasks_per_reader} per reader")
+    typer.echo("One-time invite links (send each reader their own; they are not shown again):")
+    for reader, link in created.invites.items():
+        typer.echo(f"  {reader}: {link}")
+    if created.admin_token:
+        typer.echo(f"Admin token (keep it secret): {created.admin_token}   sign in at {settings.base_url}/admin/login")
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for the whole network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 8000,
+    db: DbOpt = None,
+) -> None:
+    """Run the reader web app; prints a fresh admin token."""
+    from synthcxr.study.server import serve as run_server
+    from synthcxr.study.service import ensure_db, new_admin_token
+
+    settings = _settings(db)
+    ensure_db(settings.db)
+    token = new_admin_token(settings.db)
+    typer.echo(f"Admin sign-in: http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/admin/login  token: {token}")
+    run_server(settings, host=host, port=port)
+
+
+@app.command("add-reader")
+def add_reader_cmd(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    reader_name: Annotated[str | None, typer.Option("--reader-name", help="Name shown to the admin (default reader-N).")] = None,
+    db: DbOpt = None,
+    base_url: BaseUrlOpt = None,
+) -> None:
+    """Add one reader to a study and print their one-time invite link."""
+    from synthcxr.study.service import add_reader
+
+    settings = _settings(db, base_url=base_url)
+    typer.echo(add_reader(settings.db, name, reader_name, base_url=settings.base_url))
+
+
+@app.command("reissue")
+def reissue(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    reader_name: Annotated[str, typer.Argument(help="Reader whose link was lost (answers are kept).")],
+    db: DbOpt = None,
+    base_url: BaseUrlOpt = None,
+) -> None:
+    """Give a reader a new one-time link (their old link and sessions stop working)."""
+    from synthcxr.study.service import reissue_invite
+
+    settings = _settings(db, base_url=base_url)
+    typer.echo(reissue_invite(settings.db, name, reader_name, base_url=settings.base_url))
+
+
+@app.command("admin-token")
+def admin_token(db: DbOpt = None) -> None:
+    """Print a new admin sign-in token."""
+    from synthcxr.study.service import new_admin_token
+
+    typer.echo(new_admin_token(_settings(db).db))
+
+
+@app.command("status")
+def status(
+    name: Annotated[str | None, typer.Argument(help="Study name (default: all studies).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Progress of every reader."""
+    from synthcxr.study.service import study_status
+
+    result = study_status(_settings(db).db, name)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for s in result:
+        done = sum(r["answered"] for r in s["readers"])
+        total = sum(r["total"] for r in s["readers"])
+        typer.echo(f"{s['study']}: {s['images']} images, {done}/{total} answers")
+        for r in s["readers"]:
+            joined = "joined" if r["joined"] else "not joined"
+            typer.echo(f"  {r['reader']}: {r['answered']}/{r['total']} ({joined}, last {r['last_answer'] or '-'})")
+
+
+@app.command("export")
+def export(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV file to write (never overwritten).")],
+    db: DbOpt = None,
+) -> None:
+    """Write every answer (unblinded: with source and model) as CSV."""
+    from synthcxr.study.service import export_ratings
+
+    typer.echo(export_ratings(_settings(db).db, name, out))
+
+
+@app.command("analyze")
+def analyze(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for analysis.json, CSV tables and plots.")],
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 2000,
+    db: DbOpt = None,
+) -> None:
+    """Realism per model with CIs, reader accuracy/AUC, agreement, pairwise tests, plots."""
+    from synthcxr.study.service import analyze_study
+
+    result = analyze_study(_settings(db).db, name, out, seed=seed, n_boot=n_boot)
+    for g in result["groups"]:
+        lo, hi = g["realism_ci"] if g["realism_mean"] is not None else (None, None)
+        mean = f"{g['realism_mean']:.2f} [{lo:.2f}, {hi:.2f}]" if g["realism_mean"] is not None else "-"
+        real = f"{g['judged_real_fraction']:.2f}" if g["judged_real_fraction"] is not None else "-"
+        typer.echo(f"{g['group']:>24}: realism {mean}, judged real {real} (n={g['n_ratings']})")
+    typer.echo(f"tables and plots in {out}")
+
+
+@app.command("simulate")
+def simulate(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    db: DbOpt = None,
+) -> None:
+    """Fill every open task with made-up answers (demo/testing only; never on a real study)."""
+    from synthcxr.study.service import simulate_answers
+
+    typer.echo(f"{simulate_answers(_settings(db).db, name, seed=seed)} simulated answers added")

@@ -1,0 +1,344 @@
+"""The reader-study web app (FastAPI, server-rendered pages, a little JavaScript for the viewer).
+
+Blinding rules kept here: URLs carry only random per-task ids, every image response has the same
+headers (no ETag/Last-Modified, `no-store`), and pages never mention a source or model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from synthcxr.errors import StudyError
+from synthcxr.study import service
+from synthcxr.study.db import AdminToken, Image, Reader, Task, WebSession, session_factory, utcnow
+from synthcxr.study.questions import (
+    CONFIDENCE_LEVELS,
+    FINDINGS,
+    AnswerRejected,
+    QuestionsConfig,
+    parse_answer,
+)
+from synthcxr.study.security import database_secret, hash_token, new_token, same
+from synthcxr.study.settings import StudySettings, load_settings
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "synthcxr_session"
+PRE_CSRF_COOKIE = "synthcxr_csrf"
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+}
+
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+
+# --- dependencies -------------------------------------------------------------------------------
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    session = request.app.state.sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def get_web_session(request: Request, db: SessionDep) -> WebSession | None:
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        return None
+    ws = db.scalar(select(WebSession).where(WebSession.token_hash == hash_token(request.app.state.secret, "session:" + token)))
+    if ws is None or ws.expires_at < utcnow():
+        return None
+    return ws
+
+
+WebSessionDep = Annotated[WebSession | None, Depends(get_web_session)]
+
+
+def current_reader(ws: WebSessionDep) -> WebSession:
+    if ws is None or ws.reader_id is None:
+        raise HTTPException(401, "Please open the invite link you received to start or continue reading.")
+    return ws
+
+
+def current_admin(ws: WebSessionDep) -> WebSession:
+    if ws is None:
+        raise HTTPException(401, "Admin sign-in needed: open /admin/login.")
+    if not ws.is_admin:
+        raise HTTPException(403, "This page is for the study admin only.")
+    return ws
+
+
+CurrentReader = Annotated[WebSession, Depends(current_reader)]
+CurrentAdmin = Annotated[WebSession, Depends(current_admin)]
+
+
+def check_csrf(ws: WebSession, token: str) -> None:
+    if not same(ws.csrf_token, token):
+        raise HTTPException(403, "The form expired or came from another site (CSRF check failed). Reload the page and try again.")
+
+
+def check_pre_csrf(request: Request, token: str) -> None:
+    """Forms shown before sign-in use a double-submit cookie (no session exists yet)."""
+    if not same(request.cookies.get(PRE_CSRF_COOKIE), token):
+        raise HTTPException(403, "The form expired (CSRF check failed). Reload the page and try again.")
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _render(request: Request, name: str, status_code: int = 200, **ctx) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, ctx, status_code=status_code)
+
+
+def _render_pre(request: Request, name: str, **ctx) -> HTMLResponse:
+    """A page with a pre-sign-in form: sets the double-submit CSRF cookie it carries."""
+    token = request.cookies.get(PRE_CSRF_COOKIE) or new_token()
+    response = _render(request, name, csrf_token=token, **ctx)
+    response.set_cookie(PRE_CSRF_COOKIE, token, httponly=True, samesite="strict",
+                        secure=request.app.state.settings.secure_cookies, path="/")
+    return response
+
+
+def _start_session(request: Request, db: Session, response: Response, *, reader_id: int | None, is_admin: bool) -> None:
+    settings: StudySettings = request.app.state.settings
+    token = new_token()
+    db.add(WebSession(token_hash=hash_token(request.app.state.secret, "session:" + token), csrf_token=new_token(),
+                      reader_id=reader_id, is_admin=is_admin,
+                      expires_at=utcnow() + dt.timedelta(days=settings.session_days)))
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=settings.secure_cookies,
+                        max_age=int(settings.session_days * 86400), path="/")
+    response.delete_cookie(PRE_CSRF_COOKIE, path="/")
+
+
+def _own_task(db: Session, ws: WebSession, public_id: str) -> Task:
+    """The task if it belongs to this reader; otherwise 404 (never confirm another reader's ids)."""
+    task = db.scalar(select(Task).where(Task.public_id == public_id))
+    if task is None or task.reader_id != ws.reader_id:
+        raise HTTPException(404, "Not found.")
+    return task
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+
+def create_app(settings: StudySettings | None = None) -> FastAPI:
+    """Build the app for one database (migrated to the newest schema first)."""
+    settings = settings or load_settings()
+    service.ensure_db(settings.db)
+    app = FastAPI(title="synthcxr reader study", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings.db)
+    with app.state.sessions() as s:
+        app.state.secret = database_secret(s, settings.secret)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):  # noqa: ANN202 - starlette middleware
+        response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers[key] = value
+        for key in ("etag", "last-modified"):
+            if key in response.headers:
+                del response.headers[key]
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (301, 302, 303, 307):
+            return RedirectResponse(exc.headers["location"], exc.status_code)
+        return _render(request, "message.html", status_code=exc.status_code, title=f"Error {exc.status_code}",
+                       message=str(exc.detail), admin_login=exc.status_code == 401 and request.url.path.startswith("/admin"))
+
+    # -- public --------------------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse)
+    def home(request: Request, ws: WebSessionDep) -> Response:
+        if ws is not None and ws.reader_id is not None:
+            return RedirectResponse("/read", 303)
+        if ws is not None and ws.is_admin:
+            return RedirectResponse("/admin", 303)
+        return _render(request, "message.html", title="Reader study",
+                       message="Please open the personal invite link you received to start or continue reading.")
+
+    def _invited_reader(db: Session, token: str) -> Reader:
+        reader = db.scalar(select(Reader).where(Reader.invite_hash == hash_token(app.state.secret, "invite:" + token)))
+        if reader is None or reader.invite_used_at is not None:
+            raise HTTPException(404, "This invite link is not valid or has already been used. "
+                                     "If you already started, go to /read in the same browser; "
+                                     "otherwise ask the study admin for a new link.")
+        return reader
+
+    @app.get("/invite/{token}", response_class=HTMLResponse)
+    def invite_page(request: Request, token: str, db: SessionDep) -> Response:
+        reader = _invited_reader(db, token)
+        q = QuestionsConfig.model_validate(reader.study.questions)
+        done, total = service.progress(db, reader.id)
+        return _render_pre(request, "invite.html", token=token, questions=q, total=total, done=done)
+
+    @app.post("/invite/{token}")
+    def invite_accept(request: Request, token: str, db: SessionDep, csrf_token: Annotated[str, Form()] = "") -> Response:
+        check_pre_csrf(request, csrf_token)
+        reader = _invited_reader(db, token)
+        # consume the link atomically: of two simultaneous clicks only one gets a session
+        used = db.execute(
+            update(Reader).where(Reader.id == reader.id, Reader.invite_used_at.is_(None))
+            .values(invite_used_at=utcnow(), invite_hash=None)
+        )
+        if used.rowcount != 1:
+            raise HTTPException(404, "This invite link has already been used.")
+        response = RedirectResponse("/read", 303)
+        _start_session(request, db, response, reader_id=reader.id, is_admin=False)
+        return response
+
+    @app.post("/logout")
+    def logout(request: Request, ws: WebSessionDep, db: SessionDep, csrf_token: Annotated[str, Form()] = "") -> Response:
+        if ws is not None:
+            check_csrf(ws, csrf_token)
+            db.delete(ws)
+        response = RedirectResponse("/", 303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # -- reader ------------------------------------------------------------------------------------
+
+    @app.get("/read", response_class=HTMLResponse)
+    def read(request: Request, ws: CurrentReader, db: SessionDep) -> Response:
+        reader = db.get(Reader, ws.reader_id)
+        done, total = service.progress(db, reader.id)
+        task = service.next_task(db, reader.id)
+        if task is None:
+            return _render(request, "done.html", total=total, csrf_token=ws.csrf_token)
+        if task.shown_at is None:
+            task.shown_at = utcnow()
+        q = QuestionsConfig.model_validate(reader.study.questions)
+        return _render(request, "read.html", task=task, questions=q, done=done, total=total,
+                       number=done + 1, csrf_token=ws.csrf_token, findings=FINDINGS, confidence_levels=CONFIDENCE_LEVELS,
+                       error=request.query_params.get("error"))
+
+    @app.get("/read/image/{public_id}")
+    def read_image(public_id: str, ws: CurrentReader, db: SessionDep) -> Response:
+        task = _own_task(db, ws, public_id)
+        image: Image = task.image
+        data = (Path(image.study.image_dir) / f"{image.id}.png").read_bytes()
+        return Response(data, media_type="image/png")
+
+    @app.post("/read/answer/{public_id}")
+    def answer(
+        public_id: str, ws: CurrentReader, db: SessionDep,
+        csrf_token: Annotated[str, Form()] = "", realism: Annotated[str, Form()] = "",
+        choice: Annotated[str, Form()] = "", confidence: Annotated[str, Form()] = "",
+        finding: Annotated[str, Form()] = "", comment: Annotated[str, Form()] = "",
+        elapsed_ms: Annotated[str, Form()] = "",
+    ) -> Response:
+        check_csrf(ws, csrf_token)
+        task = _own_task(db, ws, public_id)
+        q = QuestionsConfig.model_validate(task.reader.study.questions)
+        form = {"realism": realism, "choice": choice, "confidence": confidence, "finding": finding,
+                "comment": comment, "elapsed_ms": elapsed_ms}
+        try:
+            parsed = parse_answer(q, form)
+        except AnswerRejected as exc:
+            raise HTTPException(400, f"Answer not saved: {exc}. Go back and complete the form.") from None
+        db.commit()  # end the read transaction before the write (see record_answer)
+        service.record_answer(db, task, parsed)
+        return RedirectResponse("/read", 303)
+
+    @app.get("/pause", response_class=HTMLResponse)
+    def pause(request: Request, ws: CurrentReader, db: SessionDep) -> Response:
+        done, total = service.progress(db, ws.reader_id)
+        return _render(request, "pause.html", done=done, total=total, csrf_token=ws.csrf_token)
+
+    # -- admin ----------------------------------------------------------------------------------------
+
+    @app.get("/admin/login", response_class=HTMLResponse)
+    def admin_login_page(request: Request) -> Response:
+        return _render_pre(request, "admin_login.html")
+
+    @app.post("/admin/login")
+    def admin_login(request: Request, db: SessionDep, token: Annotated[str, Form()] = "",
+                    csrf_token: Annotated[str, Form()] = "") -> Response:
+        check_pre_csrf(request, csrf_token)
+        row = db.scalar(select(AdminToken).where(AdminToken.token_hash == hash_token(app.state.secret, "admin:" + token.strip())))
+        if row is None or row.revoked:
+            raise HTTPException(403, "Wrong admin token. Use the one printed by `synthcxr study serve` or `study create`.")
+        response = RedirectResponse("/admin", 303)
+        _start_session(request, db, response, reader_id=None, is_admin=True)
+        return response
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin_home(request: Request, ws: CurrentAdmin) -> Response:
+        return _render(request, "admin.html", studies=service.study_status(settings.db), csrf_token=ws.csrf_token)
+
+    def _study_page(request: Request, ws: WebSession, name: str, new_link: tuple[str, str] | None = None) -> Response:
+        status = service.study_status(settings.db, name)[0]
+        with app.state.sessions() as s:
+            study = service.get_study(s, name)
+            groups: dict[str, int] = {}
+            for img in study.images:
+                groups[img.model] = groups.get(img.model, 0) + 1
+        return _render(request, "admin_study.html", study=status, groups=groups, new_link=new_link, csrf_token=ws.csrf_token)
+
+    @app.get("/admin/study/{name}", response_class=HTMLResponse)
+    def admin_study(request: Request, name: str, ws: CurrentAdmin) -> Response:
+        return _study_page(request, ws, name)
+
+    @app.post("/admin/study/{name}/readers", response_class=HTMLResponse)
+    def admin_add_reader(request: Request, name: str, ws: CurrentAdmin, csrf_token: Annotated[str, Form()] = "",
+                         reader_name: Annotated[str, Form()] = "") -> Response:
+        check_csrf(ws, csrf_token)
+        link = service.add_reader(settings.db, name, reader_name.strip() or None, base_url=str(request.base_url))
+        return _study_page(request, ws, name, new_link=(reader_name.strip() or "new reader", link))
+
+    @app.post("/admin/study/{name}/readers/{reader_name}/reissue", response_class=HTMLResponse)
+    def admin_reissue(request: Request, name: str, reader_name: str, ws: CurrentAdmin,
+                      csrf_token: Annotated[str, Form()] = "") -> Response:
+        check_csrf(ws, csrf_token)
+        link = service.reissue_invite(settings.db, name, reader_name, base_url=str(request.base_url))
+        return _study_page(request, ws, name, new_link=(reader_name, link))
+
+    @app.get("/admin/study/{name}/export.csv")
+    def admin_export(name: str, ws: CurrentAdmin) -> Response:
+        csv_text = service.ratings_csv(service.ratings_table(settings.db, name))
+        return Response(csv_text, media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{name}-ratings.csv"'})
+
+    @app.get("/admin/study/{name}/analysis.json")
+    def admin_analysis(name: str, ws: CurrentAdmin) -> Response:
+        from synthcxr.study.analysis import analyze
+
+        rows = service.ratings_table(settings.db, name)
+        if not rows:
+            raise HTTPException(409, "No answers yet.")
+        import json
+
+        return Response(json.dumps(analyze(rows), indent=2, default=str), media_type="application/json")
+
+    @app.exception_handler(StudyError)
+    async def study_error(request: Request, exc: StudyError) -> Response:
+        return _render(request, "message.html", status_code=404, title="Not found", message=exc.message)
+
+    return app

@@ -1,0 +1,176 @@
+"""Find study images and pass every one, real or synthetic, through the same blinding pipeline.
+
+Why one pipeline: any difference a reader (or their browser) could notice between real and
+synthetic files would unblind the study. So every image is decoded, converted to 8-bit grayscale,
+centre-cropped to a square, resized to the study size with the same filter, and written as a PNG
+with fixed encoder settings and no metadata chunks. The PNG is stored *uncompressed* (zlib level
+0): then every file of a study has exactly the same byte length, so not even the Content-Length
+(or how well an image compresses) hints at its source.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+
+from synthcxr.errors import DataError
+from synthcxr.fileio import read_jsonl
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
+# Montgomery / Shenzhen file names end in _0 (normal) or _1 (tuberculosis).
+_NIH_LABEL = re.compile(r"^(?:MCUCXR|CHNCXR)_\d+_([01])$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One candidate image before blinding."""
+
+    path: Path
+    group: str  # model name, or "real"
+    source: str  # "real" | "synthetic"
+    label: str | None = None
+    prompt: str | None = None
+
+
+def _label_from_name(path: Path) -> str | None:
+    match = _NIH_LABEL.match(path.stem)
+    if match:
+        return "tuberculosis" if match.group(1) == "1" else "normal"
+    return None
+
+
+def _from_manifest(manifest: Path, group: str, source: str) -> list[SourceImage]:
+    rows = read_jsonl(manifest)
+    images = []
+    for i, row in enumerate(rows):
+        file = row.get("file")
+        if not file:
+            raise DataError(f"row {i + 1} has no 'file'", file=manifest, fix="every manifest row needs a 'file' key")
+        path = (manifest.parent / file).resolve()
+        if not path.is_file():
+            raise DataError(f"row {i + 1} names {file}, which does not exist", file=manifest,
+                            fix="regenerate the images or remove the row")
+        label = row.get("label") or _label_from_name(path)
+        images.append(SourceImage(path, group, source, label, row.get("prompt")))
+    return images
+
+
+def _find_manifest(folder: Path) -> Path | None:
+    """A generation folder has manifest.jsonl; a run directory has it in a subfolder (e.g. generated/)."""
+    if (folder / "manifest.jsonl").is_file():
+        return folder / "manifest.jsonl"
+    found = sorted(folder.rglob("manifest.jsonl"), key=lambda p: (len(p.parts), str(p)))
+    return found[0] if found else None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    root = folder / "CXR_png" if (folder / "CXR_png").is_dir() else folder
+    files = [
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any("mask" in part.lower() for part in p.relative_to(root).parts)
+    ]
+    return sorted(files)
+
+
+def collect_real(path: Path) -> list[SourceImage]:
+    """Real control images: a manifest folder, a Montgomery/Shenzhen folder, or any image folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("real image folder not found", file=path, fix="pass --real with an existing folder")
+    if path.is_file():
+        return [SourceImage(path, "real", "real", _label_from_name(path))]
+    manifest = path / "manifest.jsonl"
+    if manifest.is_file():
+        return [SourceImage(i.path, "real", "real", i.label, None) for i in _from_manifest(manifest, "real", "real")]
+    files = _image_files(path)
+    if not files:
+        raise DataError("no images found", file=path, fix=f"the folder needs image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [SourceImage(p, "real", "real", _label_from_name(p)) for p in files]
+
+
+def collect_model(path: Path, group: str) -> list[SourceImage]:
+    """Synthetic images of one model: a generation folder or a run directory holding one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError("model image folder not found", file=path,
+                        fix="pass --model with a run directory or a folder written by `synthcxr generate`")
+    manifest = _find_manifest(path)
+    if manifest is not None:
+        return _from_manifest(manifest, group, "synthetic")
+    files = _image_files(path)
+    if not files:
+        raise DataError("no generated images found (no manifest.jsonl and no image files)", file=path,
+                        fix="run `synthcxr generate` for this model first, or point --model at its output folder")
+    return [SourceImage(p, group, "synthetic") for p in files]
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Any supported file -> float array in [0, 1], single channel."""
+    if path.suffix.lower() == ".dcm":
+        import pydicom
+        from pydicom.pixels import apply_voi_lut
+
+        ds = pydicom.dcmread(path)
+        arr = apply_voi_lut(ds.pixel_array, ds).astype(np.float64)
+        if arr.ndim == 3:
+            arr = arr.mean(axis=-1)
+        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+            arr = arr.max() - arr
+    else:
+        with PILImage.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+            else:
+                arr = np.asarray(img.convert("L"), dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if arr.dtype != np.uint8 and hi > 255:  # 16-bit data: stretch to the full range
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return arr / 255.0
+
+
+def blind_png(path: Path, size: int) -> bytes:
+    """The one pipeline: decode -> grayscale -> centre square crop -> size x size -> bare PNG."""
+    try:
+        arr = _decode(Path(path))
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
+        raise DataError(f"cannot read image: {exc}", file=path, fix="remove or replace the broken file") from None
+    h, w = arr.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    arr = arr[top:top + side, left:left + side]
+    img = PILImage.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
+    if side != size:
+        img = img.resize((size, size), PILImage.Resampling.LANCZOS)
+    return encode_png(img)
+
+
+def encode_png(img: PILImage.Image) -> bytes:
+    """Fixed encoder settings; Pillow writes no text/time chunks unless given pnginfo, so only
+    IHDR/IDAT/IEND remain (checked by `png_chunks`)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def png_chunks(data: bytes) -> list[str]:
+    """Chunk types of a PNG file, in order (used to prove no metadata survives)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        ctype = data[pos + 4:pos + 8].decode("latin-1")
+        chunks.append(ctype)
+        crc = int.from_bytes(data[pos + 8 + length:pos + 12 + length], "big")
+        if zlib.crc32(data[pos + 4:pos + 8 + length]) != crc:
+            raise ValueError(f"bad CRC in {ctype}")
+        pos += 12 + length
+    return chunks

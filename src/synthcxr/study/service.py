@@ -1,0 +1,492 @@
+"""Reader-study service layer: everything the CLI, the web app and other stages need, without HTTP.
+
+`create_study` -> invite links; `simulate_answers` (demo); `export_ratings` -> CSV;
+`analyze_study` -> statistics + plots; `study_status` -> progress per reader.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import random
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from synthcxr.errors import StudyError
+from synthcxr.fileio import atomic_write_bytes, atomic_write_text, sha256_bytes
+from synthcxr.logging_utils import get_logger, progress_bar
+from synthcxr.study import db
+from synthcxr.study.db import AdminToken, Answer, Image, Reader, Study, Task, session_scope
+from synthcxr.study.images import SourceImage, blind_png, collect_model, collect_real
+from synthcxr.study.questions import AnswerInput, QuestionsConfig
+from synthcxr.study.security import database_secret, hash_token, new_token, opaque_id
+
+log = get_logger(__name__)
+
+REAL_GROUP = "real"
+_upgraded: set[str] = set()
+
+
+def ensure_db(db_url: str) -> None:
+    """Run the migrations once per process per database."""
+    if db_url not in _upgraded:
+        db.upgrade(db_url)
+        _upgraded.add(db_url)
+
+
+def configured_secret() -> str | None:
+    from synthcxr.study.settings import load_settings
+
+    return load_settings().secret
+
+
+def secret_for(session: Session) -> str:
+    return database_secret(session, configured_secret())
+
+
+def invite_url(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/invite/{token}"
+
+
+@dataclass
+class CreatedStudy:
+    """What `create_study` hands back: one one-time invite link per reader (shown only now)."""
+
+    name: str
+    invites: dict[str, str]
+    n_images: int
+    n_tasks_per_reader: int
+    image_dir: Path
+    admin_token: str | None = None
+    groups: dict[str, int] = field(default_factory=dict)
+
+
+# --- creating a study ---------------------------------------------------------------------------
+
+
+def _parse_models(models: Iterable[str | Path | tuple[str, str | Path]]) -> list[tuple[str, Path]]:
+    """`runs/lora_adamw` -> ("lora_adamw", path); `name=path` and (name, path) set the name."""
+    parsed: list[tuple[str, Path]] = []
+    for item in models:
+        if isinstance(item, tuple):
+            name, path = item[0], Path(item[1])
+        else:
+            text = str(item)
+            if "=" in text and not Path(text).exists():
+                name, _, raw = text.partition("=")
+                path = Path(raw)
+            else:
+                path = Path(text)
+                name = path.resolve().name
+        parsed.append((name, path))
+    names = [n for n, _ in parsed]
+    for name in names:
+        if name == REAL_GROUP:
+            raise StudyError("a model may not be called 'real' (that group holds the real controls)",
+                             fix="name it with --model othername=PATH")
+        if names.count(name) > 1:
+            raise StudyError(f"two models are both called {name!r}", fix="name them with --model NAME=PATH")
+    return parsed
+
+
+def _sample(images: list[SourceImage], k: int | None, rng: random.Random, what: str, where: Path) -> list[SourceImage]:
+    if k is None:
+        return list(images)
+    if k > len(images):
+        raise StudyError(f"{what} has only {len(images)} images, {k} requested", file=where,
+                         fix="lower --per-model / --real-count or generate more images")
+    return rng.sample(images, k)
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    if not slug:
+        raise StudyError(f"study name {name!r} has no usable characters", fix="use letters, digits, - or _")
+    return slug
+
+
+def _reading_order(image_ids: Sequence[str], seed: int, reader_name: str, repeats: int) -> list[tuple[str, int | None]]:
+    """Seeded random order for one reader; repeats re-show `repeats` images later on.
+
+    Returns (image_id, index of the original in the list or None). A repeat is placed at least a
+    few images after its original so it is not recognised from short-term memory.
+    """
+    rng = random.Random(f"{seed}:{reader_name}")
+    order: list[tuple[str, int | None]] = [(i, None) for i in image_ids]
+    rng.shuffle(order)
+    if repeats:
+        ids = [i for i, _ in order]
+        gap = max(1, min(5, len(ids) // 3))
+        for image_id in rng.sample(ids, min(repeats, len(ids))):
+            first = next(n for n, (i, rep) in enumerate(order) if i == image_id and rep is None)
+            pos = rng.randint(min(first + 1 + gap, len(order)), len(order))
+            order.insert(pos, (image_id, -1))
+        # resolve "-1" into the index of the original after all inserts
+        firsts = {i: n for n, (i, rep) in enumerate(order) if rep is None}
+        order = [(i, firsts[i] if rep is not None else None) for i, rep in order]
+    return order
+
+
+def _add_reader(session: Session, study: Study, reader_name: str, secret: str) -> str:
+    """Create a reader with their own order of tasks; returns the invite token (stored hashed)."""
+    if session.scalar(select(Reader).where(Reader.study_id == study.id, Reader.name == reader_name)):
+        raise StudyError(f"study {study.name!r} already has a reader called {reader_name!r}",
+                         fix="choose another --reader-name, or `study reissue` to give them a new link")
+    token = new_token()
+    reader = Reader(study_id=study.id, name=reader_name, invite_hash=hash_token(secret, "invite:" + token))
+    session.add(reader)
+    session.flush()
+    image_ids = sorted(session.scalars(select(Image.id).where(Image.study_id == study.id)))
+    order = _reading_order(image_ids, study.seed, reader_name, study.repeats)
+    tasks = [Task(public_id=opaque_id(), reader_id=reader.id, image_id=i, position=n) for n, (i, _) in enumerate(order)]
+    session.add_all(tasks)
+    session.flush()
+    for task, (_, original) in zip(tasks, order, strict=True):
+        if original is not None:
+            task.repeat_of = tasks[original].id
+    return token
+
+
+def new_admin_token(db_url: str) -> str:
+    """A new admin login token (several may be valid; `study serve` prints a fresh one)."""
+    ensure_db(db_url)
+    token = new_token()
+    with session_scope(db_url) as session:
+        session.add(AdminToken(token_hash=hash_token(secret_for(session), "admin:" + token)))
+    return token
+
+
+def create_study(
+    db_url: str,
+    name: str,
+    real: str | Path | Sequence[str | Path] | None = None,
+    models: Sequence[str | Path | tuple[str, str | Path]] = (),
+    per_model: int | None = 30,
+    real_count: int | None = 30,
+    readers: int | Sequence[str] = 3,
+    seed: int = 0,
+    questions: QuestionsConfig | dict[str, Any] | None = None,
+    repeats: int = 0,
+    image_size: int = 512,
+    study_dir: str | Path | None = None,
+    base_url: str = "http://127.0.0.1:8000",
+) -> CreatedStudy:
+    """Blind and store the images, create readers with their own seeded order, return invite links.
+
+    `real`: folder(s) of real control images; `models`: run directories or generation folders
+    (with manifest.jsonl), optionally `name=path`; `per_model`/`real_count`: images sampled per
+    group (None = all); `readers`: a count or a list of names; `repeats`: images shown twice to
+    each reader (intra-reader agreement).
+    """
+    # 1. check inputs before touching anything
+    q = questions if isinstance(questions, QuestionsConfig) else QuestionsConfig.model_validate(questions or {})
+    if not 16 <= image_size <= 4096:
+        raise StudyError(f"image size {image_size} is out of range", fix="use --image-size between 16 and 4096")
+    if repeats < 0:
+        raise StudyError("repeats must be >= 0", fix="pass --repeats 0 or more")
+    reader_names = [f"reader-{i + 1}" for i in range(readers)] if isinstance(readers, int) else list(readers)
+    if len(set(reader_names)) != len(reader_names):
+        raise StudyError("reader names must be unique")
+    ensure_db(db_url)
+    with session_scope(db_url) as session:
+        if session.scalar(select(Study).where(Study.name == name)):
+            raise StudyError(f"a study called {name!r} already exists in this database",
+                             fix="choose another --name (existing studies and their answers are kept)")
+
+    # 2. collect and sample the images of every group
+    rng = random.Random(seed)
+    chosen: list[SourceImage] = []
+    real_paths = [] if real is None else [real] if isinstance(real, str | Path) else list(real)
+    real_images = [img for p in real_paths for img in collect_real(Path(p))]
+    if real_images:
+        chosen += _sample(real_images, real_count, rng, "the real images", Path(real_paths[0]))
+    for group, path in _parse_models(models):
+        chosen += _sample(collect_model(path, group), per_model, rng, f"model {group!r}", path)
+    if not chosen:
+        raise StudyError("the study has no images", fix="pass --real and/or --model")
+    rng.shuffle(chosen)  # also the order files are written in: nothing groups by source on disk
+
+    # 3. blind every image through the one pipeline into the study folder, under opaque ids
+    from synthcxr.study.settings import load_settings
+
+    root = Path(study_dir) if study_dir is not None else load_settings().dir
+    image_dir = (root / "images" / _slug(name)).resolve()
+    if image_dir.exists() and any(image_dir.iterdir()):
+        raise StudyError("the study image folder already exists and is not empty", file=image_dir,
+                         fix="choose another --name or --dir (nothing was overwritten)")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[Image] = []
+    try:
+        with progress_bar(len(chosen), "blinding images") as (bar, task):
+            for src in chosen:
+                data = blind_png(src.path, image_size)
+                image_id = opaque_id()
+                atomic_write_bytes(image_dir / f"{image_id}.png", data)
+                rows.append(Image(id=image_id, source=src.source, model=src.group, intended_label=src.label,
+                                  original_path=str(src.path), prompt=src.prompt, sha256=sha256_bytes(data)))
+                bar.advance(task)
+    except BaseException:
+        shutil.rmtree(image_dir, ignore_errors=True)  # only files this call just made
+        raise
+
+    # 4. one transaction: study, images, readers, tasks
+    invites: dict[str, str] = {}
+    admin_token = None
+    try:
+        with session_scope(db_url) as session:
+            secret = secret_for(session)
+            study = Study(name=name, seed=seed, image_dir=str(image_dir), image_size=image_size,
+                          questions=q.model_dump(mode="json"), repeats=repeats)
+            session.add(study)
+            session.flush()
+            for row in rows:
+                row.study_id = study.id
+            session.add_all(rows)
+            session.flush()
+            for reader_name in reader_names:
+                invites[reader_name] = invite_url(base_url, _add_reader(session, study, reader_name, secret))
+            if not session.scalar(select(func.count()).select_from(AdminToken)):
+                admin_token = new_token()
+                session.add(AdminToken(token_hash=hash_token(secret, "admin:" + admin_token)))
+    except IntegrityError as exc:
+        shutil.rmtree(image_dir, ignore_errors=True)
+        raise StudyError(f"could not create study {name!r}: {exc.orig}", fix="choose another --name") from None
+    groups: dict[str, int] = {}
+    for row in rows:
+        groups[row.model] = groups.get(row.model, 0) + 1
+    log.info("study %r: %d images (%s), %d readers", name, len(rows),
+             ", ".join(f"{g}={n}" for g, n in sorted(groups.items())), len(reader_names))
+    return CreatedStudy(name, invites, len(rows), len(rows) + min(repeats, len(rows)), image_dir, admin_token, groups)
+
+
+def get_study(session: Session, name: str) -> Study:
+    study = session.scalar(select(Study).where(Study.name == name))
+    if study is None:
+        known = list(session.scalars(select(Study.name).order_by(Study.name)))
+        raise StudyError(f"no study called {name!r} in this database",
+                         fix=f"known studies: {', '.join(known) or '(none)'}; check the name and --db")
+    return study
+
+
+def add_reader(db_url: str, name: str, reader_name: str | None = None, base_url: str = "http://127.0.0.1:8000") -> str:
+    """Add a reader to an existing study; returns their one-time invite link."""
+    ensure_db(db_url)
+    with session_scope(db_url) as session:
+        study = get_study(session, name)
+        if reader_name is None:
+            n = session.scalar(select(func.count()).select_from(Reader).where(Reader.study_id == study.id)) or 0
+            existing = set(session.scalars(select(Reader.name).where(Reader.study_id == study.id)))
+            while f"reader-{n + 1}" in existing:
+                n += 1
+            reader_name = f"reader-{n + 1}"
+        return invite_url(base_url, _add_reader(session, study, reader_name, secret_for(session)))
+
+
+def reissue_invite(db_url: str, name: str, reader_name: str, base_url: str = "http://127.0.0.1:8000") -> str:
+    """A new one-time link for a reader (lost link / new browser); their answers are kept, their
+    old link and old browser sessions stop working."""
+    ensure_db(db_url)
+    with session_scope(db_url) as session:
+        study = get_study(session, name)
+        reader = session.scalar(select(Reader).where(Reader.study_id == study.id, Reader.name == reader_name))
+        if reader is None:
+            raise StudyError(f"study {name!r} has no reader {reader_name!r}", fix="see `synthcxr study status`")
+        token = new_token()
+        reader.invite_hash = hash_token(secret_for(session), "invite:" + token)
+        reader.invite_used_at = None
+        session.execute(db.WebSession.__table__.delete().where(db.WebSession.reader_id == reader.id))
+        return invite_url(base_url, token)
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+
+def record_answer(session: Session, task: Task, answer: AnswerInput) -> bool:
+    """Store and commit one answer. Returns False if the task was already answered (double submit,
+    second tab): the first answer stands and nothing is duplicated.
+
+    The unique constraint on `answer.task_id` is the real guard: if two requests race past the
+    check below, the loser's INSERT fails and its transaction is rolled back. Callers therefore
+    commit any earlier work of theirs first (savepoints are avoided: SQLite drivers differ on them).
+    """
+    if session.scalar(select(Answer.id).where(Answer.task_id == task.id)) is not None:
+        return False
+    server_ms = None
+    if task.shown_at is not None:
+        server_ms = max(0, int((db.utcnow() - task.shown_at).total_seconds() * 1000))
+    try:
+        session.add(Answer(task_id=task.id, realism=answer.realism, judged_real=answer.judged_real,
+                           confidence=answer.confidence, finding=answer.finding, comment=answer.comment,
+                           client_ms=answer.client_ms, server_ms=server_ms))
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return False
+    return True
+
+
+def progress(session: Session, reader_id: int) -> tuple[int, int]:
+    """(answered, total) tasks of one reader."""
+    total = session.scalar(select(func.count()).select_from(Task).where(Task.reader_id == reader_id)) or 0
+    done = session.scalar(
+        select(func.count()).select_from(Answer).join(Task, Answer.task_id == Task.id).where(Task.reader_id == reader_id)
+    ) or 0
+    return done, total
+
+
+def next_task(session: Session, reader_id: int) -> Task | None:
+    """The reader's first unanswered task in their order (so a reload continues where they stopped)."""
+    return session.scalar(
+        select(Task).outerjoin(Answer, Answer.task_id == Task.id)
+        .where(Task.reader_id == reader_id, Answer.id.is_(None)).order_by(Task.position).limit(1)
+    )
+
+
+def simulate_answers(db_url: str, name: str, seed: int = 0) -> int:
+    """Answer every open task with plausible made-up ratings (for the demo and tests only).
+
+    Real images get higher realism on average than synthetic ones, each model its own offset and
+    each reader their own bias, so the analysis has something to find. Returns answers added.
+    """
+    import numpy as np
+
+    ensure_db(db_url)
+    rng = np.random.default_rng(seed)
+    added = 0
+    with session_scope(db_url) as session:
+        study = get_study(session, name)
+        q = QuestionsConfig.model_validate(study.questions)
+        groups = sorted({img.model for img in study.images})
+        offset = {g: (0.8 if g == REAL_GROUP else -0.3 - 0.4 * i) for i, g in enumerate(groups)}
+        for reader in study.readers:
+            bias = rng.normal(0, 0.3)
+            for task in reader.tasks:
+                if task.answer is not None:
+                    continue
+                image = task.image
+                latent = 3.0 + offset[image.model] + bias + rng.normal(0, 0.8)
+                realism = int(np.clip(np.rint(latent), 1, 5))
+                p_real = 1 / (1 + np.exp(-(latent - 3.0) * 1.5))
+                judged_real = bool(rng.random() < p_real)
+                conf = int(np.clip(1 + abs(latent - 3.0) * 1.2 + rng.normal(0, 0.5), 1, 3))
+                finding = None
+                if q.finding:
+                    truth = image.intended_label
+                    if truth and rng.random() < 0.7:
+                        finding = truth
+                    else:
+                        finding = str(rng.choice(["tuberculosis", "normal", "unsure"]))
+                answer = AnswerInput(realism if q.realism else None, judged_real if q.real_vs_synthetic else None,
+                                     conf if q.real_vs_synthetic and q.confidence else None, finding, None,
+                                     int(rng.integers(2000, 20000)))
+                added += record_answer(session, task, answer)
+    return added
+
+
+# --- export / status / analysis -------------------------------------------------------------------
+
+EXPORT_COLUMNS = [
+    "study", "reader", "position", "task_id", "image_id", "repeat_of_position", "source", "model",
+    "intended_label", "realism", "judged_real", "confidence", "finding", "comment", "client_ms", "server_ms",
+    "answered_at", "original_path", "prompt",
+]
+
+
+def ratings_table(db_url: str, name: str) -> list[dict[str, Any]]:
+    """Every answer of a study, unblinded (admin use only), one dict per answer."""
+    ensure_db(db_url)
+    with session_scope(db_url) as session:
+        study = get_study(session, name)
+        positions = {t.id: t.position for r in study.readers for t in r.tasks}
+        rows = []
+        stmt = (
+            select(Answer, Task, Reader, Image)
+            .join(Task, Answer.task_id == Task.id).join(Reader, Task.reader_id == Reader.id)
+            .join(Image, Task.image_id == Image.id)
+            .where(Reader.study_id == study.id).order_by(Reader.id, Task.position)
+        )
+        for answer, task, reader, image in session.execute(stmt):
+            rows.append({
+                "study": study.name, "reader": reader.name, "position": task.position, "task_id": task.public_id,
+                "image_id": image.id,
+                "repeat_of_position": positions.get(task.repeat_of) if task.repeat_of is not None else None,
+                "source": image.source, "model": image.model, "intended_label": image.intended_label,
+                "realism": answer.realism, "judged_real": answer.judged_real, "confidence": answer.confidence,
+                "finding": answer.finding, "comment": answer.comment, "client_ms": answer.client_ms,
+                "server_ms": answer.server_ms, "answered_at": answer.answered_at.isoformat(),
+                "original_path": image.original_path, "prompt": image.prompt,
+            })
+        return rows
+
+
+def ratings_csv(rows: list[dict[str, Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in EXPORT_COLUMNS})
+    return buf.getvalue()
+
+
+def export_ratings(db_url: str, name: str, out: str | Path) -> Path:
+    """Write all answers as CSV (one row per answer, unblinded). Refuses to overwrite a file."""
+    out = Path(out)
+    if out.exists():
+        raise StudyError("output file already exists", file=out, fix="choose another --out (ratings are never overwritten)")
+    rows = ratings_table(db_url, name)
+    atomic_write_text(out, ratings_csv(rows))
+    log.info("wrote %d ratings to %s", len(rows), out)
+    return out
+
+
+def study_status(db_url: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Per study and reader: answered/total, whether the invite was used, last answer time."""
+    ensure_db(db_url)
+    out = []
+    with session_scope(db_url) as session:
+        studies = [get_study(session, name)] if name else list(session.scalars(select(Study).order_by(Study.id)))
+        for study in studies:
+            readers = []
+            for reader in study.readers:
+                done, total = progress(session, reader.id)
+                last = session.scalar(
+                    select(func.max(Answer.answered_at)).join(Task, Answer.task_id == Task.id)
+                    .where(Task.reader_id == reader.id)
+                )
+                readers.append({"reader": reader.name, "answered": done, "total": total,
+                                "joined": reader.invite_used_at is not None,
+                                "last_answer": last.isoformat() if last else None})
+            out.append({"study": study.name, "created_at": study.created_at.isoformat(), "images": len(study.images),
+                        "readers": readers})
+    return out
+
+
+def analyze_study(db_url: str, name: str, out_dir: str | Path, seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+    """Statistics a paper needs (see `analysis.analyze`), written as JSON/CSV tables and PNG plots."""
+    from synthcxr.study.analysis import analyze, write_outputs
+
+    rows = ratings_table(db_url, name)
+    if not rows:
+        raise StudyError(f"study {name!r} has no answers yet", fix="wait for readers (see `synthcxr study status`)")
+    result = analyze(rows, seed=seed, n_boot=n_boot)
+    result["study"] = name
+    result["generated_at"] = dt.datetime.now(dt.UTC).isoformat()
+    write_outputs(result, rows, Path(out_dir))
+    return result
+
+
+def default_db_url() -> str:
+    """The URL from SYNTHCXR_STUDY_DB or the default SQLite file."""
+    from synthcxr.study.settings import load_settings
+
+    return load_settings().db

@@ -1,0 +1,76 @@
+"""Study settings from the environment (or CLI flags), validated before anything starts.
+
+There is no default secret: unless `SYNTHCXR_STUDY_SECRET` is set, a random one is generated the
+first time a database is used and stored in it, so every deployment has its own key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import ValidationError, field_validator
+
+from synthcxr.config import StrictModel, format_validation_error
+
+ENV_PREFIX = "SYNTHCXR_STUDY_"
+DEFAULT_DIR = Path("synthcxr-study")
+
+
+class StudySettings(StrictModel):
+    """Where the study lives and how the server behaves. Every field has an env variable
+    `SYNTHCXR_STUDY_<FIELD>` (e.g. `SYNTHCXR_STUDY_DB=postgresql+psycopg://...`)."""
+
+    db: str = f"sqlite:///{DEFAULT_DIR / 'study.sqlite3'}"
+    """SQLAlchemy URL of the study database (SQLite file by default, PostgreSQL works too)."""
+    dir: Path = DEFAULT_DIR
+    """Folder holding the blinded image copies (one subfolder per study, opaque file names)."""
+    secret: str | None = None
+    """Key for token hashing and CSRF; None = generate once per database and keep it there."""
+    secure_cookies: bool = False
+    """Mark cookies `Secure` (set when the server is behind HTTPS)."""
+    base_url: str = "http://127.0.0.1:8000"
+    """Public address readers use; invite links are printed with it."""
+    session_days: float = 30.0
+    """How long a reader's browser session stays valid (readers may pause for days)."""
+
+    @field_validator("db")
+    @classmethod
+    def _db_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(value)
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy raises several types
+            raise ValueError(f"not a database URL ({exc}); use sqlite:///path.db or postgresql://...") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {url.get_backend_name()!r}; use sqlite:///path.db or postgresql://...")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+def load_settings(**overrides: object) -> StudySettings:
+    """Environment first, then explicit (non-None) overrides such as CLI flags."""
+    data: dict[str, object] = {}
+    for name in StudySettings.model_fields:
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        if env is not None:
+            data[name] = env
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return StudySettings.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(StudySettings, exc, f"{ENV_PREFIX}* environment / study options") from None
