@@ -1,7 +1,96 @@
-"""`synthcxr evaluate` command (being built)."""
+"""`synthcxr evaluate`: options -> `EvaluateConfig` -> `evaluate()` -> a printed table."""
 
-from synthcxr.errors import SynthCXRError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
 
 
-def evaluate() -> None:
-    raise SynthCXRError("not built yet")
+def evaluate(
+    real: Annotated[Path | None, typer.Option("--real", help="Real reference images (folder, or Montgomery/Shenzhen set).")] = None,
+    fake: Annotated[Path | None, typer.Option("--fake", help="Synthetic images (folder, or a generate folder with manifest.jsonl).")] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="The generator's real training images (memorization, classifier).")] = None,
+    test: Annotated[Path | None, typer.Option("--test", help="Real held-out test images for the classifier.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Results JSON (written atomically).")] = None,
+    extractor: Annotated[str | None, typer.Option("--extractor", help="inception | xrv | random | timm:NAME | torchvision:NAME")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of fidelity,diversity,memorization,utility.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with EvaluateConfig keys.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set fidelity.bootstrap=20")] = None,
+) -> None:
+    """Fidelity (FID/KID/PRDC), diversity (MS-SSIM), memorization and classifier utility of synthetic images."""
+    from synthcxr.config import apply_overrides, build_config, read_yaml
+    from synthcxr.evaluate.run import EvaluateConfig
+    from synthcxr.evaluate.run import evaluate as run_evaluate
+
+    data: dict[str, Any] = read_yaml(config) if config else {}
+    for key, value in (("real", real), ("fake", fake), ("train", train), ("test", test), ("out", out)):
+        if value is not None:
+            data[key] = str(value)
+    if extractor is not None:
+        data.setdefault("extractor", {})["name"] = extractor
+    if metrics is not None:
+        data["metrics"] = [m.strip() for m in metrics.split(",") if m.strip()]
+    data = apply_overrides(data, overrides or [])
+    cfg = build_config(EvaluateConfig, data, str(config) if config else "command line")
+    results = run_evaluate(cfg)
+    print_results(results, cfg.out)
+
+
+def _ci(entry: dict[str, Any], key: str = "value", digits: int = 4) -> tuple[str, str]:
+    lo, hi = entry.get("ci", [None, None])
+    ci = f"[{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else ""
+    return f"{entry[key]:.{digits}f}", ci
+
+
+def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, value, CI, note) rows for the printed table (also used by tests)."""
+    rows: list[tuple[str, str, str, str]] = []
+    fid = results.get("fidelity")
+    if fid:
+        n = f"{fid['n_real']} real / {fid['n_fake']} synthetic"
+        rows.append(("FID", *_ci(fid["fid"], digits=3), n))
+        kid = fid["kid"]
+        rows.append(("KID", f"{kid['mean']:.5f} ± {kid['std']:.5f}", _ci(kid, "mean", 5)[1],
+                     f"{kid['subsets']} subsets of {kid['subset_size']}"))
+        for key in ("precision", "recall", "density", "coverage"):
+            rows.append((key.capitalize(), *_ci(fid[key], digits=3), f"k={fid['prdc_k']}"))
+    div = results.get("diversity")
+    if div:
+        for role in ("synthetic", "real"):
+            d = div[role]
+            rows.append((f"MS-SSIM {role}", f"{d['mean']:.4f}", _ci(d, "mean")[1], f"{d['n_pairs']} pairs, {d['scales']} scales"))
+    mem = results.get("memorization")
+    if mem:
+        rows.append(("Nearest-train cosine (max)", f"{mem['feature_cosine']['max']:.4f}", "",
+                     f"median {mem['feature_cosine']['median']:.4f}"))
+        rows.append(("Nearest-train SSIM (max)", f"{mem['ssim']['max']:.4f}", "", f"median {mem['ssim']['median']:.4f}"))
+        rows.append(("Flagged near-copies", str(mem["n_flagged"]), "", f"of {mem['n_synthetic']} synthetic"))
+    util = results.get("utility")
+    if util:
+        for variant in ("real", "synthetic", "real+synthetic"):
+            if variant in util:
+                rows.append((f"AUC trained on {variant}", *_ci(util[variant], "auc", 3), f"{util[variant]['n_train']} train / {util[variant]['n_test']} test"))
+        cond = util.get("conditioning", {})
+        for attr in ("label", "sex"):
+            if attr in cond and "overall" in cond[attr]:
+                rows.append((f"Conditioning agreement ({attr})", f"{cond[attr]['overall']:.3f}", "", f"{cond[attr]['n']} synthetic"))
+    return rows
+
+
+def print_results(results: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ext = results.get("extractor") or {}
+    table = Table(title=f"synthcxr evaluate ({ext.get('name', 'no features')})")
+    for col in ("metric", "value", "CI", "note"):
+        table.add_column(col)
+    for row in results_rows(results):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for w in results.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    console.print(f"results: {out}", highlight=False)

@@ -1,0 +1,205 @@
+"""Image sets for evaluation: a plain folder, a `synthcxr generate` folder, or a native data set.
+
+Every metric reads images through this module, so real and synthetic images are decoded and
+resized the same way (clean-fid's lesson: a metric must not see a resize difference as a quality
+difference). One decode path handles 8/16-bit grayscale, palette, RGBA and RGB files.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from synthcxr.errors import DataError
+from synthcxr.fileio import read_jsonl
+from synthcxr.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+LABELS = ("normal", "tuberculosis")
+#: The one resize used for every feature extractor and pixel metric: PIL bicubic is antialiased
+#: on downsampling (its filter support scales with the reduction), unlike torch's default bilinear.
+RESIZE_METHOD = "PIL bicubic (antialiased), per channel on float32, clipped to 0..255 (clean-fid 'clean' mode)"
+
+
+@dataclass
+class ImageItem:
+    """One image and what is known about it (label/sex come from a manifest or a data set)."""
+
+    path: Path
+    label: str | None = None
+    sex: str | None = None
+    patient_id: str | None = None
+
+
+@dataclass
+class ImageSet:
+    """The images of one role (real, fake, train, test) and where they came from."""
+
+    root: Path
+    kind: str  # "folder" | "generation" | "dataset"
+    items: list[ImageItem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [it.path for it in self.items]
+
+    def describe(self) -> dict:
+        labels: dict[str, int] = {}
+        for it in self.items:
+            if it.label is not None:
+                labels[it.label] = labels.get(it.label, 0) + 1
+        return {"path": str(self.root), "kind": self.kind, "n_images": len(self.items), "labels": labels}
+
+
+def _folder_label(path: Path, root: Path) -> str | None:
+    """ImageFolder convention: a parent folder named `normal` or `tuberculosis` gives the label."""
+    for part in path.relative_to(root).parts[:-1]:
+        if part.lower() in LABELS:
+            return part.lower()
+    return None
+
+
+def _native_label(path: Path) -> str | None:
+    """Montgomery/Shenzhen file names end in _0 (normal) or _1 (tuberculosis)."""
+    stem = path.stem
+    if stem.endswith("_0"):
+        return "normal"
+    if stem.endswith("_1"):
+        return "tuberculosis"
+    return None
+
+
+def _list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _read_generation(root: Path) -> ImageSet:
+    rows = read_jsonl(root / "manifest.jsonl")
+    items: list[ImageItem] = []
+    missing: list[str] = []
+    for row in rows:
+        if "file" not in row:
+            continue
+        path = root / row["file"]
+        if not path.is_file():
+            missing.append(row["file"])
+            continue
+        items.append(ImageItem(path=path, label=row.get("label"), sex=row.get("sex"), patient_id=path.stem))
+    if missing:
+        log.warning("%s: %d image(s) listed in manifest.jsonl are missing (e.g. %s); evaluating the rest", root, len(missing), missing[0])
+    return ImageSet(root=root, kind="generation", items=items)
+
+
+def _is_native_layout(root: Path) -> bool:
+    return (root / "CXR_png").is_dir() or any(p.is_dir() for p in root.glob("*/CXR_png"))
+
+
+def _read_native(root: Path) -> ImageSet:
+    """Montgomery/Shenzhen layout: use the data layer when present (it also reads sex), else file names."""
+    try:
+        from synthcxr.data.config import DataConfig
+        from synthcxr.data.dataset import load_records
+    except ImportError:  # data layer not installed in this build: fall back to file-name labels
+        load_records = None
+    if load_records is not None:
+        records = load_records(DataConfig(path=root))
+        items = [
+            ImageItem(path=Path(r.image_path), label=r.label, sex=r.sex, patient_id=r.patient_id)
+            for r in records
+            if r.image_path is not None
+        ]
+        if items:
+            return ImageSet(root=root, kind="dataset", items=items)
+    paths = [p for p in _list_images(root) if "CXR_png" in p.parts]
+    items = [ImageItem(path=p, label=_native_label(p), patient_id=p.stem.rsplit("_", 1)[0]) for p in paths]
+    return ImageSet(root=root, kind="dataset", items=items)
+
+
+def read_image_set(path: str | Path, role: str) -> ImageSet:
+    """Find the images of one role; raise a clear error when there are none."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"{role} image folder does not exist", file=root, fix=f"check the --{role} path")
+    if root.is_file():
+        raise DataError(f"{role} must be a folder of images, not a file", file=root, fix=f"pass the folder that holds the images as --{role}")
+    if (root / "manifest.jsonl").is_file():
+        image_set = _read_generation(root)
+    elif _is_native_layout(root):
+        image_set = _read_native(root)
+    else:
+        paths = _list_images(root)
+        image_set = ImageSet(
+            root=root,
+            kind="folder",
+            items=[ImageItem(path=p, label=_folder_label(p, root), patient_id=p.stem) for p in paths],
+        )
+    if not image_set.items:
+        raise DataError(
+            f"no PNG/JPEG images found for {role}",
+            file=root,
+            fix=f"point --{role} at a folder with .png/.jpg images (searched recursively), a generation folder with manifest.jsonl, or a Montgomery/Shenzhen data set",
+        )
+    return image_set
+
+
+def decode_image(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
+    """Bytes -> H x W x 3 uint8 RGB.
+
+    16-bit and float grayscale (common for X-rays) are scaled to 0..255 before the conversion that
+    PIL would otherwise clip; everything else goes through PIL's `convert("RGB")` exactly as clean-fid
+    does, so 8-bit files give identical pixels in both.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                if img.mode.startswith("I;16"):
+                    arr = arr / 65535.0 * 255.0
+                else:
+                    lo, hi = float(arr.min()), float(arr.max())
+                    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+                gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image: {exc}", file=source, fix="re-export the file as PNG/JPEG or remove it") from exc
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """H x W x 3 uint8 -> size x size x 3 float32 in 0..255, the one documented resize (RESIZE_METHOD)."""
+    h, w = rgb.shape[:2]
+    if (h, w) == (size, size):
+        return rgb.astype(np.float32)
+    is_gray = bool((rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all())
+    channels = [0] if is_gray else [0, 1, 2]
+    out = []
+    for c in channels:
+        img = Image.fromarray(rgb[:, :, c].astype(np.float32))
+        out.append(np.asarray(img.resize((size, size), resample=Image.BICUBIC)).clip(0, 255))
+    if is_gray:  # identical channels resize identically: do the work once
+        out = out * 3
+    return np.stack(out, axis=2).astype(np.float32)
+
+
+def load_gray(path: str | Path, size: int) -> np.ndarray:
+    """An image as a size x size float32 array in [0, 1] (for SSIM, pairs and the classifier)."""
+    rgb = decode_image(Path(path).read_bytes(), path)
+    resized = resize_rgb(rgb, size)
+    return (resized.mean(axis=2) / 255.0).astype(np.float32)
+
+
+def load_gray_stack(paths: list[Path], size: int) -> np.ndarray:
+    """N x size x size float32 in [0, 1]."""
+    if not paths:
+        return np.zeros((0, size, size), dtype=np.float32)
+    return np.stack([load_gray(p, size) for p in paths])

@@ -1,0 +1,213 @@
+"""`evaluate(cfg)`: read the image sets, extract (cached) features, run each metric, write one JSON.
+
+Reads top to bottom: 1. image sets  2. features  3. fidelity  4. diversity  5. memorization
+6. utility  7. JSON. A metric whose inputs are absent (no training set, no labels) is skipped with the
+reason in the results; a metric with too few images raises a clear `EvaluationError`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from synthcxr import __version__
+from synthcxr.config import StrictModel
+from synthcxr.evaluate.features import ExtractorConfig
+from synthcxr.evaluate.utility import UtilityConfig
+from synthcxr.fileio import atomic_write_json
+from synthcxr.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+Metric = Literal["fidelity", "diversity", "memorization", "utility"]
+ALL_METRICS: list[Metric] = ["fidelity", "diversity", "memorization", "utility"]
+
+
+class FidelityConfig(StrictModel):
+    fid_method: Literal["svd", "sqrtm"] = "svd"
+    """`svd`: exact trace via singular values (fast, stable); `sqrtm`: scipy's matrix square root (reference)."""
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    k: int = Field(5, ge=1)
+    """Nearest neighbours for precision/recall/density/coverage (Naeem et al.; CheXGenBench uses 5)."""
+    bootstrap: int = Field(100, ge=0)
+    """Bootstrap replicates for the confidence intervals (0 = none)."""
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class DiversityConfig(StrictModel):
+    image_size: int = Field(256, ge=8)
+    """Grayscale size for MS-SSIM; 256 px allows the standard 5 scales with an 11 px window."""
+    pairs: int = Field(200, ge=1)
+
+
+class MemorizationConfig(StrictModel):
+    ssim_size: int = Field(128, ge=16)
+    ssim_candidates: int = Field(20, ge=0)
+    """SSIM is computed against this many nearest training images by feature similarity (0 = all)."""
+    feature_threshold: float = 0.95
+    ssim_threshold: float = 0.9
+    top_pairs: int = Field(8, ge=0)
+    pairs_dir: Path | None = None
+    """Where the side-by-side PNGs go (default: `<out stem>_pairs/` beside the JSON)."""
+
+
+class EvaluateConfig(StrictModel):
+    """Everything `synthcxr evaluate` needs; saved inside the results JSON."""
+
+    real: Path
+    """Real reference images: a folder (searched recursively), or a Montgomery/Shenzhen data set."""
+    fake: Path
+    """Synthetic images: a folder, or a `synthcxr generate` folder (its manifest gives labels)."""
+    train: Path | None = None
+    """The generator's real training images (memorization, classifier training). Default: `real`."""
+    test: Path | None = None
+    """Real held-out test images for the classifier. Default: a patient-level split of `train`."""
+    out: Path = Path("eval.json")
+    metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS))
+    extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+    memorization: MemorizationConfig = Field(default_factory=MemorizationConfig)
+    utility: UtilityConfig = Field(default_factory=UtilityConfig)
+    cache: bool = True
+    """Cache features by image content hash, so a re-evaluation computes only new images."""
+    cache_dir: Path | None = None
+    """Default: $SYNTHCXR_CACHE_DIR or ~/.cache/synthcxr."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """Unreadable images: list them all and stop (fail), or leave them out with a warning (skip)."""
+    seed: int = 0
+
+    @field_validator("metrics")
+    @classmethod
+    def _no_duplicates(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Run the configured metrics and write the results JSON (atomically) to `cfg.out`."""
+    from synthcxr.evaluate.diversity import within_set_msssim
+    from synthcxr.evaluate.features import FeatureCache, build_extractor, default_cache_dir, extract_features
+    from synthcxr.evaluate.fidelity import fidelity_metrics
+    from synthcxr.evaluate.images import load_gray_stack, read_image_set
+    from synthcxr.evaluate.memorization import memorization_check
+    from synthcxr.evaluate.utility import utility_check
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    skipped: dict[str, str] = {}
+
+    # 1. image sets
+    sets = {"real": read_image_set(cfg.real, "real"), "fake": read_image_set(cfg.fake, "fake")}
+    if cfg.train is not None:
+        sets["train"] = read_image_set(cfg.train, "train")
+    if cfg.test is not None:
+        sets["test"] = read_image_set(cfg.test, "test")
+    train_set = sets.get("train", sets["real"])
+    if cfg.train is None and ("memorization" in cfg.metrics or "utility" in cfg.metrics):
+        warnings.append("no --train set given: memorization and the classifier use the --real images as the training set")
+
+    # 2. features (only what fidelity and memorization need), cached by content hash
+    cache_dir = cfg.cache_dir or default_cache_dir()
+    needs_features = {"fidelity": ["real", "fake"], "memorization": ["fake", "train"]}
+    roles = sorted({r for m, rs in needs_features.items() if m in cfg.metrics for r in rs})
+    feats: dict[str, Any] = {}
+    feature_counts: dict[str, dict[str, int]] = {}
+    extractor = None
+    if roles:
+        t0 = time.perf_counter()
+        extractor = build_extractor(cfg.extractor, cache_dir)
+        cache = FeatureCache(cache_dir / "features.sqlite") if cfg.cache else None
+        try:
+            for role in roles:
+                image_set = train_set if role == "train" else sets[role]
+                res = extract_features(image_set.paths, extractor, cache, batch_size=cfg.extractor.batch_size,
+                                       on_error=cfg.on_error, description=f"{role} features")
+                if res.problems:
+                    warnings.append(f"{role}: left out {len(res.problems)} unreadable image(s)")
+                    image_set.items = [image_set.items[i] for i in res.kept]
+                feats[role] = res.features
+                feature_counts[role] = {"computed": res.computed, "cached": res.cached}
+        finally:
+            if cache is not None:
+                cache.close()
+        timings["features"] = time.perf_counter() - t0
+
+    results: dict[str, Any] = {
+        "synthcxr_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": cfg.model_dump(mode="json"),
+        "inputs": {role: s.describe() for role, s in sets.items()},
+        "extractor": extractor.describe() if extractor else None,
+        "features": feature_counts,
+        "cache_dir": str(cache_dir) if cfg.cache else None,
+    }
+
+    # 3. fidelity
+    if "fidelity" in cfg.metrics:
+        t0 = time.perf_counter()
+        fc = cfg.fidelity
+        results["fidelity"], warn = fidelity_metrics(
+            feats["real"], feats["fake"], fid_method=fc.fid_method, kid_subsets=fc.kid_subsets,
+            kid_subset_size=fc.kid_subset_size, k=fc.k, n_boot=fc.bootstrap, level=fc.ci_level, seed=cfg.seed)
+        warnings += warn
+        timings["fidelity"] = time.perf_counter() - t0
+
+    # 4. diversity: MS-SSIM within each set
+    if "diversity" in cfg.metrics:
+        t0 = time.perf_counter()
+        dc = cfg.diversity
+        div = {role: within_set_msssim(load_gray_stack(sets[role].paths, dc.image_size), dc.pairs, cfg.seed,
+                                       role="synthetic" if role == "fake" else "real")
+               for role in ("fake", "real")}
+        results["diversity"] = {"image_size": dc.image_size, "synthetic": div["fake"], "real": div["real"],
+                                "synthetic_minus_real": div["fake"]["mean"] - div["real"]["mean"]}
+        if div["fake"]["mean"] > div["real"]["ci"][1]:
+            warnings.append("synthetic images are more alike than real ones (MS-SSIM above the real CI): possible mode collapse")
+        timings["diversity"] = time.perf_counter() - t0
+
+    # 5. memorization against the training images
+    if "memorization" in cfg.metrics:
+        t0 = time.perf_counter()
+        mc = cfg.memorization
+        pairs_dir = mc.pairs_dir or cfg.out.with_name(f"{cfg.out.stem}_pairs")
+        results["memorization"] = memorization_check(
+            feats["fake"], feats["train"], sets["fake"].paths, train_set.paths, ssim_size=mc.ssim_size,
+            ssim_candidates=mc.ssim_candidates, feature_threshold=mc.feature_threshold,
+            ssim_threshold=mc.ssim_threshold, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None)
+        results["memorization"]["train_source"] = "train" if cfg.train is not None else "real"
+        if results["memorization"]["n_flagged"]:
+            warnings.append(f"memorization: {results['memorization']['n_flagged']} synthetic image(s) are near copies "
+                            f"of training images; see {pairs_dir}")
+        timings["memorization"] = time.perf_counter() - t0
+
+    # 6. downstream utility and conditioning fidelity
+    if "utility" in cfg.metrics:
+        t0 = time.perf_counter()
+        labelled = [it for it in train_set.items if it.label in ("normal", "tuberculosis")]
+        if not labelled:
+            skipped["utility"] = ("the real training images have no normal/tuberculosis labels (use a Montgomery/Shenzhen "
+                                  "data set, or normal/ and tuberculosis/ subfolders)")
+        else:
+            from synthcxr.evaluate.features import resolve_device
+
+            results["utility"] = utility_check(
+                labelled, sets["test"].items if "test" in sets else None, sets["fake"].items, cfg.utility,
+                device=resolve_device(cfg.extractor.device), seed=cfg.seed,
+                split_path=cfg.out.with_name(f"{cfg.out.stem}_split.json"))
+        timings["utility"] = time.perf_counter() - t0
+
+    for metric, reason in skipped.items():
+        warnings.append(f"{metric} skipped: {reason}")
+    timings["total"] = time.perf_counter() - started
+    results.update({"skipped": skipped, "warnings": warnings, "timings_s": timings})
+    # 7. one JSON, written atomically
+    atomic_write_json(cfg.out, results)
+    for w in warnings:
+        log.warning(w)
+    return results
