@@ -57,7 +57,7 @@ def dicom_to_float(path: Path, ds=None) -> np.ndarray:  # noqa: ANN001
     if ds is None or "PixelData" not in ds:
         ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
-        raise ValueError("no pixel data (a DICOM without an image, e.g. a structured report)")
+        raise ValueError("no pixel data (a truncated file, or a DICOM without an image such as a report)")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     arr = ds.pixel_array
     frames = int(ds.get("NumberOfFrames", 1) or 1)
