@@ -1,0 +1,232 @@
+"""Build one self-contained HTML report for a grid (or a single run).
+
+Everything is inside the file: CSS inline, plots and image thumbnails as PNG data URIs, no script
+or font from the network, so the report can be mailed, archived or opened on an air-gapped
+workstation. Each section is built from whatever data exists; a missing piece shows as
+"not evaluated" / "no data" rather than stopping the report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from synthcxr.fileio import atomic_write_text
+from synthcxr.grid.summary import cell, study_metrics, summary_table
+from synthcxr.logging_utils import get_logger
+from synthcxr.report import plots
+from synthcxr.report.collect import Metric, ReportData, RunData, load_report_data
+
+log = get_logger(__name__)
+
+LOWER_IS_BETTER = ("fid", "kid", "loss", "ms_ssim", "msssim", "memoriz", "copy", "flagged", "similarity", "nn_")
+HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage", "auc", "accuracy", "realism", "judged_real",
+                    "fraction_real", "agreement")
+
+
+def direction(name: str) -> str | None:
+    """"low"/"high" when a metric's name says which way is better, else None (not ranked)."""
+    lname = name.lower()
+    if "real" in lname.split(".")[-1] and "ms_ssim" in lname:
+        return None  # diversity of the real set is a reference value, not a score
+    if any(t in lname for t in HIGHER_IS_BETTER):
+        return "high"
+    if any(t in lname for t in LOWER_IS_BETTER):
+        return "low"
+    return None
+
+
+@dataclass
+class SampleRow:
+    prompt: str
+    seed: Any
+    cells: list[str | None]
+    real: str | None
+
+
+def _best(rows: list[dict[str, Any]], column: str) -> str | None:
+    way = direction(column)
+    scored = [(r["run"], r[column].value if isinstance(r[column], Metric) else r[column]) for r in rows
+              if isinstance(r.get(column), Metric | int | float) and not isinstance(r.get(column), bool)]
+    if not way or len(scored) < 2:
+        return None
+    return (min if way == "low" else max)(scored, key=lambda x: x[1])[0]
+
+
+def _sample_rows(data: ReportData, max_rows: int, thumb: int) -> tuple[list[SampleRow], bool]:
+    """Rows keyed by (prompt, seed), one column per run, so each row compares like with like."""
+    keys: list[tuple[str, Any]] = []
+    by_run: list[dict[tuple[str, Any], Path]] = []
+    for run in data.runs:
+        table: dict[tuple[str, Any], Path] = {}
+        for row in run.manifest:
+            if "file" not in row or run.images_dir is None:
+                continue
+            key = (str(row.get("prompt", "")), row.get("seed"))
+            table.setdefault(key, run.images_dir / row["file"])
+            if key not in keys:
+                keys.append(key)
+        by_run.append(table)
+    shared = [k for k in keys if sum(k in t for t in by_run) > 1]
+    chosen = (shared or keys)[:max_rows]
+    rows = []
+    for i, key in enumerate(chosen):
+        cells = [plots.image_uri(t[key], thumb) if key in t else None for t in by_run]
+        real = plots.image_uri(data.real_images[i], thumb) if i < len(data.real_images) else None
+        rows.append(SampleRow(prompt=key[0], seed=key[1], cells=cells, real=real))
+    return rows, bool(shared)
+
+
+def _config_table(data: ReportData) -> tuple[list[str], list[dict[str, Any]]]:
+    keys: list[str] = []
+    for run in data.runs:
+        for key in [*run.axes, *run.overrides]:
+            if key not in keys and not any(key == f"{a}" for a in keys):
+                keys.append(key)
+    # an axis and the config key it sets say the same thing: show the short name only
+    from synthcxr.grid.expand import AXIS_ALIASES
+
+    keys = [k for k in keys if not (k in AXIS_ALIASES.values() and any(AXIS_ALIASES.get(a) == k for a in keys))]
+    rows = []
+    for run in data.runs:
+        values = {**run.overrides, **run.axes}
+        rows.append({
+            "run": run.name,
+            "status": run.status or "–",
+            "values": [("baseline" if run.baseline and not values.get(k) else values.get(k, "–")) for k in keys],
+            "config_yaml": yaml.safe_dump(run.config, sort_keys=False) if run.config else None,
+        })
+    return keys, rows
+
+
+def _memorization(data: ReportData, thumb: int) -> list[dict[str, Any]]:
+    out = []
+    for run in data.runs:
+        if run.eval is None:
+            out.append({"run": run.name, "state": "not evaluated", "pairs": []})
+            continue
+        pairs = []
+        for pair in run.memorization_pairs():
+            pairs.append({
+                "score": cell(pair["score"]) if pair["score"] is not None else "–",
+                "kind": pair["kind"],
+                "side": plots.image_uri(pair["side_by_side"], thumb * 2) if pair["side_by_side"] and pair["side_by_side"].exists() else None,
+                "synthetic": plots.image_uri(pair["synthetic"], thumb) if pair["synthetic"] and pair["synthetic"].exists() else None,
+                "train": plots.image_uri(pair["train"], thumb) if pair["train"] and pair["train"].exists() else None,
+            })
+        mem = run.eval.get("memorization") if isinstance(run.eval.get("memorization"), dict) else None
+        summary = [m for m in run.metric_list() if m.name.startswith("memorization")]
+        out.append({"run": run.name, "state": "ok" if (pairs or summary) else ("no memorization check" if mem is None else "no pairs"),
+                    "pairs": pairs, "summary": [(m.name.removeprefix("memorization."), m.format()) for m in summary]})
+    return out
+
+
+def _study_section(data: ReportData) -> dict[str, Any] | None:
+    if data.study is None and data.study_dir is None:
+        return None
+    per_run = {run.name: study_metrics(data.study, run.name) for run in data.runs}
+    real = study_metrics(data.study, "real")
+    names: list[str] = []
+    for metrics in [*per_run.values(), real]:
+        for m in metrics:
+            if m.name not in names:
+                names.append(m.name)
+    rows = [{"run": name, "values": [next((m.format() for m in ms if m.name == n), "–") for n in names]}
+            for name, ms in [*per_run.items(), *([("real (controls)", real)] if real else [])]]
+    figures = []
+    for n in names:
+        vals = {run: next((m for m in ms if m.name == n), None) for run, ms in [*per_run.items(), ("real", real)]}
+        uri = plots.metric_plot(n.removeprefix("study."), {k: v for k, v in vals.items() if v is not None})
+        if uri and any(t in n for t in ("realism", "judged", "real_fraction", "fraction")):
+            figures.append((n.removeprefix("study."), uri))
+    if data.study_dir is not None:
+        for png in sorted(data.study_dir.rglob("*.png"))[:8]:
+            uri = plots.image_uri(png, 900)
+            if uri:
+                figures.append((png.stem.replace("_", " "), uri))
+    error = None
+    if data.study_dir is not None and (data.study_dir / "error.txt").is_file():
+        error = (data.study_dir / "error.txt").read_text(errors="replace").strip()
+    other = None
+    if data.study:
+        other = {k: v for k, v in data.study.items() if not isinstance(v, dict | list)}
+    return {"columns": [n.removeprefix("study.") for n in names], "rows": rows, "figures": figures,
+            "error": error, "other": other}
+
+
+def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -> dict[str, Any]:
+    columns, rows, kinds = summary_table(data)
+    best = {c: _best(rows, c) for c in [*kinds["eval"], *kinds["study"], "val_loss"]}
+    table = [{"cells": [(cell(r.get(c)), c in best and best[c] == r["run"] and best[c] is not None) for c in columns],
+              "run": r["run"]} for r in rows]
+    highlights = [(c, best[c], cell(next(r[c] for r in rows if r["run"] == best[c])), direction(c))
+                  for c in kinds["eval"] + kinds["study"] if best.get(c)]
+
+    loss = plots.curves_plot({r.name: r.loss_curve() for r in data.runs}, title="Training loss (smoothed)",
+                             ylabel="loss", smooth=True)
+    val = plots.curves_plot({r.name: r.val_loss_curve() for r in data.runs},
+                            title="Validation loss (fixed timesteps and noise)", ylabel="validation loss", smooth=False)
+    metric_figs = []
+    for name in kinds["eval"]:
+        values = {r.name: next((m for m in r.metric_list() if m.name == name), None) for r in data.runs}
+        if direction(name) is None and len(kinds["eval"]) > 12:
+            continue
+        uri = plots.metric_plot(name, {k: v for k, v in values.items() if v is not None})
+        if uri:
+            metric_figs.append((name, direction(name), uri))
+    sample_rows, shared = _sample_rows(data, max_samples, thumb)
+    config_keys, config_rows = _config_table(data)
+    not_evaluated = [r.name for r in data.runs if r.eval is None]
+    return {
+        "title": data.title,
+        "root": str(data.root),
+        "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "is_grid": data.is_grid,
+        "source": (data.plan or {}).get("source"),
+        "base_yaml": yaml.safe_dump(data.plan["base"], sort_keys=False) if data.plan and data.plan.get("base") else None,
+        "runs": data.runs,
+        "n_done": sum(1 for r in data.runs if r.status == "done"),
+        "failed": [r for r in data.runs if r.error],
+        "columns": columns,
+        "table": table,
+        "highlights": highlights,
+        "loss_plot": loss,
+        "val_plot": val,
+        "metric_figs": metric_figs,
+        "not_evaluated": not_evaluated,
+        "sample_rows": sample_rows,
+        "samples_shared": shared,
+        "run_names": [r.name for r in data.runs],
+        "has_real": bool(data.real_images),
+        "config_keys": config_keys,
+        "config_rows": config_rows,
+        "memorization": _memorization(data, thumb),
+        "study": _study_section(data),
+    }
+
+
+def render(context: dict[str, Any]) -> str:
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("synthcxr.report", "templates"), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["esc"] = html.escape
+    return env.get_template("report.html").render(**context)
+
+
+def build_report(path: str | Path, out: str | Path | None = None, *, max_samples: int = 8) -> Path:
+    """Collect a grid/run folder and write its HTML report (default: `<folder>/report.html`)."""
+    data: ReportData = load_report_data(path)
+    out_path = Path(out) if out else Path(path) / "report.html"
+    html_text = render(build_context(data, max_samples=max_samples))
+    atomic_write_text(out_path, html_text)
+    log.info("report written to %s (%d run(s), %.1f kB)", out_path, len(data.runs), len(html_text) / 1024)
+    return out_path
+
+
+__all__ = ["build_report", "build_context", "render", "direction", "RunData"]

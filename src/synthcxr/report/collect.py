@@ -1,0 +1,378 @@
+"""Read what the stages left on disk into plain records for the summary table and the report.
+
+Works on a grid folder (`OUT/grid.json` + `OUT/runs/NAME/`), on one grid run folder, or on a bare
+training run directory. Every piece is optional: a run that never got evaluated simply has no
+metrics, and the report says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from synthcxr.errors import SynthCXRError
+from synthcxr.fileio import read_jsonl
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Metric:
+    """One number with its optional confidence interval (or standard deviation)."""
+
+    name: str
+    value: float
+    low: float | None = None
+    high: float | None = None
+    std: float | None = None
+
+    def format(self, digits: int = 4) -> str:
+        text = _fmt(self.value, digits)
+        if self.low is not None and self.high is not None:
+            return f"{text} [{_fmt(self.low, digits)}, {_fmt(self.high, digits)}]"
+        if self.std is not None:
+            return f"{text} ± {_fmt(self.std, digits)}"
+        return text
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.{digits}g}"
+    return f"{x:.{max(digits - 1, 1)}e}"
+
+
+@dataclass
+class RunData:
+    """Everything known about one run, each part None/empty when it was not produced."""
+
+    name: str
+    root: Path
+    axes: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+    status: str | None = None
+    error: str | None = None
+    log: Path | None = None
+    train_dir: Path | None = None
+    config: dict[str, Any] | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    train_summary: dict[str, Any] = field(default_factory=dict)
+    images_dir: Path | None = None
+    manifest: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, Any] | None = None
+    eval_path: Path | None = None
+
+    # -- training ----------------------------------------------------------------------------
+    def loss_curve(self) -> list[tuple[float, float]]:
+        return _series(self.metrics, ("loss", "train_loss", "train/loss"))
+
+    def val_loss_curve(self) -> list[tuple[float, float]]:
+        return _series(self.metrics, ("val_loss", "validation_loss", "val/loss", "eval_loss"))
+
+    def final_val_loss(self) -> float | None:
+        curve = self.val_loss_curve()
+        if curve:
+            return curve[-1][1]
+        return _first(self.train_summary, ("final_val_loss", "val_loss", "validation_loss"))
+
+    def train_seconds(self) -> float | None:
+        value = _first(self.train_summary, ("train_seconds", "train_time_s", "wall_time_s", "elapsed_s",
+                                            "seconds", "duration_s", "time_s"))
+        if value is None and self.metrics:
+            times = [r.get("time") or r.get("elapsed") for r in self.metrics if isinstance(r.get("time") or r.get("elapsed"), int | float)]
+            value = max(times) if times else None
+        return value
+
+    def images_per_second(self) -> float | None:
+        return _first(self.train_summary, ("images_per_second", "images_per_s", "imgs_per_s", "throughput"))
+
+    def peak_memory_mb(self) -> float | None:
+        mb = _first(self.train_summary, ("peak_memory_mb", "peak_mem_mb", "max_memory_mb"))
+        if mb is not None:
+            return mb
+        b = _first(self.train_summary, ("peak_memory_bytes", "peak_mem_bytes", "max_memory_bytes", "peak_memory"))
+        if b is not None:
+            return b / 2**20
+        gb = _first(self.train_summary, ("peak_memory_gb", "peak_mem_gb"))
+        return gb * 1024 if gb is not None else None
+
+    def trainable_params(self) -> int | None:
+        value = _first(self.train_summary, ("trainable_params", "trainable_parameters", "n_trainable", "num_trainable_params"))
+        return int(value) if value is not None else None
+
+    # -- evaluation --------------------------------------------------------------------------
+    def metric_list(self) -> list[Metric]:
+        return extract_metrics(self.eval) if self.eval else []
+
+    def memorization_pairs(self, limit: int = 8) -> list[dict[str, Any]]:
+        return extract_memorization(self.eval, self.eval_path, limit) if self.eval else []
+
+    @property
+    def method(self) -> str | None:
+        return ((self.config or {}).get("method") or {}).get("name") if self.config else ("baseline" if self.baseline else None)
+
+    @property
+    def optimizer(self) -> str | None:
+        return ((self.config or {}).get("optimizer") or {}).get("name") if self.config else None
+
+
+@dataclass
+class ReportData:
+    title: str
+    root: Path
+    runs: list[RunData]
+    plan: dict[str, Any] | None = None
+    study: dict[str, Any] | None = None
+    study_dir: Path | None = None
+    real_images: list[Path] = field(default_factory=list)
+    is_grid: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# small readers
+
+
+def _load_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _first(d: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        value = d.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def _series(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[float, float]]:
+    out = []
+    for i, row in enumerate(rows):
+        for key in keys:
+            value = row.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                out.append((float(row.get("step", i)), float(value)))
+                break
+    return out
+
+
+def _metric_from(name: str, d: dict[str, Any]) -> Metric | None:
+    """Recognise the usual shapes of "a number with uncertainty" in evaluation JSON."""
+    value = _first(d, ("value", "mean", "estimate", "point"))
+    if value is None:
+        return None
+    low = high = None
+    for key in ("ci", "ci95", "ci_95", "confidence_interval", "interval"):
+        ci = d.get(key)
+        if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(c, int | float) for c in ci):
+            low, high = float(ci[0]), float(ci[1])
+            break
+        if isinstance(ci, dict):
+            low, high = _first(ci, ("low", "lower", "lo")), _first(ci, ("high", "upper", "hi"))
+            break
+    if low is None:
+        low = _first(d, ("ci_low", "ci_lower", "low", "lower"))
+        high = _first(d, ("ci_high", "ci_upper", "high", "upper"))
+    return Metric(name, value, low, high, _first(d, ("std", "stdev", "sd")))
+
+
+SKIP_SECTIONS = {"config", "settings", "meta", "metadata", "files", "pairs", "top_pairs", "flagged", "warnings",
+                 "notes", "split", "paths", "environment", "histogram", "distribution", "per_image", "extractor",
+                 "features", "timing", "cache"}
+SKIP_NUMBERS = {"n", "count", "seed", "n_real", "n_fake", "n_train", "num_images", "k", "prdc_k", "subsets",
+                "subset_size", "bootstrap", "n_bootstrap", "n_boot", "elapsed_s", "seconds", "feature_dim",
+                "ci_level", "n_pairs", "scales", "kernel_size", "sigma", "threshold", "image_size", "resolution",
+                "epochs", "batch_size", "size"}
+
+
+def extract_metrics(data: dict[str, Any], prefix: str = "", depth: int = 0) -> list[Metric]:
+    """Every number (with its CI when given) in an evaluation result, named by its JSON path."""
+    out: list[Metric] = []
+    for key, value in data.items():
+        if key in SKIP_SECTIONS or key.startswith("_"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            metric = _metric_from(name, value)
+            if metric is not None:
+                out.append(metric)
+            elif depth < 3:
+                out.extend(extract_metrics(value, prefix=f"{name}.", depth=depth + 1))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            if key in SKIP_NUMBERS or key.startswith("n_"):
+                continue
+            out.append(Metric(name, float(value)))
+    return out
+
+
+def extract_memorization(data: dict[str, Any], eval_path: Path | None, limit: int) -> list[dict[str, Any]]:
+    """Top nearest-neighbour pairs: [{"synthetic": Path, "train": Path, "score": float, "kind": str}]."""
+    section = data.get("memorization")
+    if not isinstance(section, dict):
+        return []
+    candidates = []
+    for key in ("top_pairs", "pairs", "flagged", "top"):
+        if isinstance(section.get(key), list):
+            candidates = section[key]
+            break
+    else:
+        for sub in section.values():
+            if isinstance(sub, dict):
+                for key in ("top_pairs", "pairs", "top"):
+                    if isinstance(sub.get(key), list):
+                        candidates.extend(sub[key])
+    base = eval_path.parent if eval_path else Path(".")
+    out = []
+    for pair in candidates[:limit]:
+        if not isinstance(pair, dict):
+            continue
+        syn = pair.get("synthetic") or pair.get("fake") or pair.get("generated") or pair.get("query")
+        real = pair.get("train") or pair.get("real") or pair.get("nearest") or pair.get("match")
+        score = _first(pair, ("similarity", "cosine", "ssim", "score", "distance"))
+        side = pair.get("side_by_side") or pair.get("image") or pair.get("pair_image")
+        resolve = (lambda p: (Path(p) if Path(p).is_absolute() else base / p) if p else None)  # noqa: E731
+        out.append({"synthetic": resolve(syn) if isinstance(syn, str) else None,
+                    "train": resolve(real) if isinstance(real, str) else None,
+                    "side_by_side": resolve(side) if isinstance(side, str) else None,
+                    "score": score, "kind": pair.get("kind") or pair.get("metric") or ""})
+    return out
+
+
+def find_images(path: Any, limit: int) -> list[Path]:
+    """The first `limit` image files under a data path (or list of paths), in a stable order."""
+    paths = path if isinstance(path, list) else [path]
+    found: list[Path] = []
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES
+                                and not any(part.startswith(".") for part in q.parts)))
+    # interleave sources so Montgomery and Shenzhen both appear
+    if len(paths) > 1:
+        groups = [[q for q in found if str(q).startswith(str(Path(p)))] for p in paths if p is not None]
+        found = [q for batch in _zip_longest(groups) for q in batch]
+    return found[:limit]
+
+
+def _zip_longest(groups: list[list[Path]]) -> list[list[Path]]:
+    n = max((len(g) for g in groups), default=0)
+    return [[g[i] for g in groups if i < len(g)] for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+
+def _train_run(run: RunData, train_dir: Path) -> None:
+    if not train_dir.is_dir():
+        return
+    run.train_dir = train_dir
+    cfg_path = train_dir / "config.yaml"
+    if cfg_path.is_file() and run.config is None:
+        try:
+            run.config = yaml.safe_load(cfg_path.read_text())
+        except yaml.YAMLError:
+            run.config = None
+    run.metrics = read_jsonl(train_dir / "metrics.jsonl")
+    run.train_summary = _load_json(train_dir / "summary.json") or {}
+
+
+def load_grid_run(root: Path, name: str | None = None, spec: dict[str, Any] | None = None) -> RunData:
+    """A run folder made by the grid (`runs/NAME/`), or a plain training run directory."""
+    root = Path(root)
+    state = _load_json(root / "run.json") or {}
+    spec = spec or state
+    run = RunData(name=name or state.get("name") or root.name, root=root,
+                  axes=spec.get("axes") or {}, overrides=spec.get("overrides") or {},
+                  baseline=bool(spec.get("baseline")), status=state.get("status"),
+                  config=spec.get("train"))
+    if (root / "error.txt").is_file():
+        run.error = (root / "error.txt").read_text(errors="replace").strip()
+        run.status = run.status or "failed"
+    for logname in ("run.log", "accelerate.log"):
+        if (root / logname).is_file():
+            run.log = root / logname
+            break
+    if (root / "train").is_dir():
+        _train_run(run, root / "train")
+    elif (root / "metrics.jsonl").is_file() or (root / "config.yaml").is_file():
+        _train_run(run, root)  # a bare training run directory
+    for images in (root / "images", root / "generated"):
+        if images.is_dir():
+            run.images_dir = images
+            run.manifest = read_jsonl(images / "manifest.jsonl")
+            break
+    else:
+        samples = root / "samples"
+        if run.train_dir is not None and (run.train_dir / "samples").is_dir():
+            samples = run.train_dir / "samples"
+        if samples.is_dir():
+            run.images_dir = samples
+            run.manifest = read_jsonl(samples / "manifest.jsonl") or [
+                {"file": str(p.relative_to(samples)), "prompt": p.parent.name if p.parent != samples else "", "seed": None}
+                for p in sorted(samples.rglob("*.png"))
+            ]
+    for eval_name in ("eval.json", "evaluation.json", "eval/eval.json"):
+        if (root / eval_name).is_file():
+            run.eval_path = root / eval_name
+            run.eval = _load_json(root / eval_name)
+            break
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# a grid (or one run)
+
+
+def is_grid_dir(path: Path) -> bool:
+    return (path / "grid.json").is_file() or (path / "runs").is_dir()
+
+
+def load_report_data(path: str | Path, *, real_limit: int = 8) -> ReportData:
+    """Collect a grid folder or a single run folder; fails only when nothing run-like is there."""
+    root = Path(path)
+    if not root.is_dir():
+        raise SynthCXRError("folder not found", file=root, fix="pass a grid output folder (synthcxr grid --out) or a run folder")
+    plan = _load_json(root / "grid.json")
+    study = _load_json(root / "study" / "analysis.json") or _load_json(root / "study" / "analysis" / "analysis.json")
+    if is_grid_dir(root):
+        specs = {r["name"]: r for r in (plan or {}).get("runs", [])}
+        names = list(specs)
+        if (root / "runs").is_dir():
+            names += sorted(p.name for p in (root / "runs").iterdir() if p.is_dir() and p.name not in specs)
+        runs = [load_grid_run(root / "runs" / n, n, specs.get(n)) for n in names]
+        title = f"synthcxr grid report: {(plan or {}).get('name') or root.name}"
+        is_grid = True
+    else:
+        markers = ("run.json", "metrics.jsonl", "config.yaml", "eval.json", "images", "train", "DONE", "synthcxr_model.json")
+        if not any((root / m).exists() for m in markers):
+            raise SynthCXRError("no grid or run found in this folder", file=root,
+                                fix="pass the --out folder of `synthcxr grid`, a grid run folder (runs/NAME) or a training run directory")
+        runs = [load_grid_run(root)]
+        title = f"synthcxr run report: {runs[0].name}"
+        is_grid = False
+    real_source = None
+    if plan:
+        real_source = (plan.get("evaluate") or {}).get("real") or ((plan.get("base") or {}).get("data") or {}).get("path")
+    if real_source is None:
+        for run in runs:
+            if run.config and (run.config.get("data") or {}).get("path"):
+                real_source = run.config["data"]["path"]
+                break
+    return ReportData(title=title, root=root, runs=runs, plan=plan, study=study,
+                      study_dir=root / "study" if (root / "study").is_dir() else None,
+                      real_images=find_images(real_source, real_limit) if real_source else [], is_grid=is_grid)

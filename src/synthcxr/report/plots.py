@@ -1,0 +1,101 @@
+"""Matplotlib figures for the report, returned as PNG data URIs so the HTML needs no other file."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+from synthcxr.report.collect import Metric
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig_to_uri(fig) -> str:  # noqa: ANN001 - matplotlib Figure
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_uri(path: Path, max_size: int = 160) -> str | None:
+    """A thumbnail of an image file as a PNG data URI (None when it cannot be read)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("L") if im.mode in ("I", "I;16", "F", "L", "LA", "P") else im.convert("RGB")
+            im.thumbnail((max_size, max_size))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+    except (OSError, ValueError):
+        return None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _smooth(values: list[float], alpha: float = 0.9) -> list[float]:
+    """Exponential moving average (TensorBoard-style) so noisy diffusion losses stay readable."""
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else alpha * avg + (1 - alpha) * v
+        out.append(avg)
+    return out
+
+
+def curves_plot(series: dict[str, list[tuple[float, float]]], *, title: str, ylabel: str, smooth: bool) -> str | None:
+    """One line per run; None when no run has any point."""
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for i, (name, points) in enumerate(series.items()):
+        steps = [p[0] for p in points]
+        values = [p[1] for p in points]
+        color = COLORS[i % len(COLORS)]
+        if smooth and len(values) > 10:
+            ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+            ax.plot(steps, _smooth(values), color=color, label=name, linewidth=1.6)
+        else:
+            ax.plot(steps, values, color=color, label=name, linewidth=1.6, marker="o" if len(values) < 30 else None,
+                    markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(series) > 6 else 1, loc="best")
+    return fig_to_uri(fig)
+
+
+def metric_plot(name: str, values: dict[str, Metric]) -> str | None:
+    """Horizontal bars per run with CI whiskers, sorted so the ranking reads top to bottom."""
+    values = {k: v for k, v in values.items() if v is not None and math.isfinite(v.value)}
+    if not values:
+        return None
+    plt = _plt()
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.2))
+    xs = [values[n].value for n in names]
+    lo = [max(values[n].value - values[n].low, 0) if values[n].low is not None else 0 for n in names]
+    hi = [max(values[n].high - values[n].value, 0) if values[n].high is not None else 0 for n in names]
+    if not any(lo) and not any(hi):
+        std = [values[n].std or 0 for n in names]
+        lo, hi = std, std
+    ys = list(range(len(names)))
+    ax.barh(ys, xs, xerr=[lo, hi], color=[COLORS[i % len(COLORS)] for i in ys], alpha=0.85, capsize=3)
+    ax.set_yticks(ys, names)
+    ax.invert_yaxis()
+    ax.set_title(name)
+    ax.grid(axis="x", alpha=0.3)
+    return fig_to_uri(fig)
