@@ -1,0 +1,299 @@
+"""Typed training config: one shape for every run (`model`, `data`, `method`, `optimizer`, `schedule`, `train`).
+
+Every key can be set from the command line with `--set section.key=value`. Names that pick an
+implementation (method, optimizer, schedule) are checked against their registries here, so a typo
+fails before any model is loaded, with the allowed values and a "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from synthcxr.config import StrictModel, load_config
+from synthcxr.data.config import DataConfig
+
+METHOD_NAMES = ("dreambooth", "lora", "full")
+OPTIMIZER_NAMES = ("adam", "adamw", "adamw8bit", "adafactor", "dadaptation", "prodigy")
+LR_FREE_OPTIMIZERS = ("dadaptation", "prodigy")
+SCHEDULE_NAMES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def check_name(value: str, allowed: tuple[str, ...], what: str) -> str:
+    """Registry-name check with a "did you mean"; pydantic turns the ValueError into a config error."""
+    if value in allowed:
+        return value
+    close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown {what} {value!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+class ModelSection(StrictModel):
+    """The pre-trained model to start from."""
+
+    path: str = SD15
+    """A local diffusers folder, a single .safetensors/.ckpt file, or a hub id (must be in the local cache offline)."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the scheduler's prediction type (SD 2.x 768 px models use v_prediction). None = the model's own."""
+
+    revision: str | None = None
+    """Hub revision (kept for provenance; local folders ignore it)."""
+
+    single_file_config: Path | None = None
+    """For a single-file checkpoint offline: a local diffusers folder of the same architecture."""
+
+
+class MethodSection(StrictModel):
+    """What is trained: the whole UNet (dreambooth/full) or LoRA adapters, and with which prompts."""
+
+    name: str = "lora"
+    """dreambooth (full UNet, instance prompt + rare token), lora (peft adapters), full (text-to-image on captions)."""
+
+    prompts: Literal["auto", "instance", "caption"] = "auto"
+    """Prompt per training image: the DreamBooth instance prompt ("a sks chest x-ray"), or the caption from
+    the clinical reading. auto = instance for dreambooth, caption otherwise."""
+
+    instance_prompt: str | None = None
+    """Overrides the instance prompt built from data.captions (instance_token + class_noun)."""
+
+    class_prompt: str | None = None
+    """Overrides the class prompt for prior preservation (default "a chest x-ray")."""
+
+    prior_preservation: bool = False
+    """DreamBooth prior preservation: also train on class images generated once by the base model."""
+
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+    num_class_images: int = Field(100, ge=1)
+    class_image_steps: int = Field(25, ge=1)
+    """Sampling steps used to generate the class images (once; they are cached)."""
+
+    class_image_guidance: float = 7.5
+
+    train_text_encoder: bool = False
+    """Also train the text encoder (full weights for dreambooth/full, LoRA adapters for lora)."""
+
+    text_encoder_lr: float | None = None
+    """Learning rate of the text encoder parameters (None = optimizer.lr)."""
+
+    rank: int = Field(4, ge=1)
+    """LoRA rank."""
+
+    alpha: float | None = None
+    """LoRA alpha (None = rank, i.e. scale 1)."""
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dora: bool = False
+    """Weight-decomposed LoRA (peft `use_dora`)."""
+
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet modules that get LoRA adapters."""
+
+    text_encoder_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        return check_name(value, METHOD_NAMES, "method")
+
+    @property
+    def prompt_mode(self) -> str:
+        if self.prompts != "auto":
+            return self.prompts
+        return "instance" if self.name == "dreambooth" else "caption"
+
+
+class OptimizerSection(StrictModel):
+    """Optimizer by name plus its options."""
+
+    name: str = "adamw"
+    """adam, adamw, adamw8bit (bitsandbytes), adafactor (transformers), dadaptation (DAdaptAdam), prodigy."""
+
+    lr: float | None = None
+    """Learning rate. None = 1.0 for dadaptation/prodigy (learning-rate free), none for adafactor with
+    relative_step, else 1e-4."""
+
+    weight_decay: float = Field(1e-2, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    relative_step: bool = False
+    """Adafactor only: its own time-dependent learning rate (then lr must be unset and the schedule is Adafactor's)."""
+
+    fused: bool | None = None
+    """Fused (single-kernel) Adam/AdamW on CUDA. None = on when every parameter is on a GPU."""
+
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to the optimizer class (e.g. d_coef for prodigy)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        return check_name(value, OPTIMIZER_NAMES, "optimizer")
+
+    @property
+    def lr_free(self) -> bool:
+        return self.name in LR_FREE_OPTIMIZERS
+
+    @property
+    def effective_lr(self) -> float | None:
+        if self.lr is not None:
+            return self.lr
+        if self.lr_free:
+            return 1.0
+        if self.name == "adafactor" and self.relative_step:
+            return None
+        return 1e-4
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizerSection:
+        if self.relative_step and self.name != "adafactor":
+            raise ValueError("relative_step only applies to optimizer.name=adafactor")
+        if self.relative_step and self.lr is not None:
+            raise ValueError("adafactor with relative_step computes its own learning rate; leave optimizer.lr unset")
+        return self
+
+
+class ScheduleSection(StrictModel):
+    """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
+
+    name: str = "constant"
+    """constant, constant_with_warmup (alias warmup), cosine, cosine_with_restarts, linear, polynomial."""
+
+    warmup_steps: int = Field(0, ge=0)
+    num_cycles: int = Field(1, ge=1)
+    power: float = 1.0
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        return check_name(value, SCHEDULE_NAMES, "schedule")
+
+
+class TrainSection(StrictModel):
+    """How long, how big, how precise, and what to save along the way."""
+
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train. When unset, `epochs` decides."""
+
+    epochs: int = Field(1, ge=1)
+    """Passes over the (repeated) training images; used when max_steps is unset."""
+
+    repeats: int = Field(1, ge=1)
+    """Each training image counts this many times per epoch (DreamBooth-style small data sets)."""
+
+    batch_size: int = Field(1, ge=1)
+    """Images per process per micro-batch."""
+
+    gradient_accumulation: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    allow_cpu_fp16: bool = False
+    """fp16 autocast on a CPU is slow and poorly supported; it is refused unless this is set."""
+
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Gradient clipping (None = off)."""
+
+    min_snr_gamma: float | None = Field(None, gt=0.0)
+    """Min-SNR-gamma loss weighting (5.0 is the paper's choice). None = plain MSE."""
+
+    noise_offset: float = Field(0.0, ge=0.0)
+    ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    cache_latents: Literal["none", "ram", "disk"] = "none"
+    """Encode images (and prompts, when the text encoder is frozen) once, in RAM or on disk."""
+
+    cache_dir: Path | None = None
+    """Disk cache folder (default RUN_DIR/cache); share it between runs on the same data and model."""
+
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    validate_every: int | None = Field(None, ge=1)
+    """Validation (samples + held-out loss) every N steps and at the end. None = only at the end."""
+
+    validation_prompts: list[str] = Field(default_factory=list)
+    """Prompts for sample images. Empty = the instance prompt or the first training captions."""
+
+    validation_seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    validation_steps: int = Field(25, ge=1)
+    """Sampling steps for validation images."""
+
+    validation_guidance: float = 7.5
+    validation_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """Fixed timesteps of the held-out validation loss (fixed noise too), so optimizers are comparable."""
+
+    max_validation_images: int = Field(64, ge=1)
+    """Held-out images used for the validation loss at most."""
+
+    log_every: int = Field(10, ge=1)
+    """Loss/lr logging (and NaN check) every N steps; checking reads the loss from the GPU, a sync."""
+
+    num_workers: int = Field(0, ge=0)
+    tf32: bool = True
+    """TF32 matmuls on GPUs that have them (Ampere and newer)."""
+
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bit-identical resumes and reruns, slower on GPUs."""
+
+    channels_last: bool = False
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    """torch.compile the UNet (reduce-overhead uses CUDA graphs)."""
+
+    @field_validator("validation_timesteps")
+    @classmethod
+    def _timesteps(cls, value: list[int]) -> list[int]:
+        if not value or any(t < 0 or t > 999 for t in value):
+            raise ValueError("give at least one timestep, each between 0 and 999")
+        return value
+
+
+class TrainConfig(StrictModel):
+    """A whole training run; saved resolved as RUN_DIR/config.yaml."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodSection = Field(default_factory=MethodSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        if self.optimizer.relative_step and self.schedule.name not in ("constant",):
+            raise ValueError("adafactor relative_step brings its own schedule; set schedule.name=constant")
+        return self
+
+
+RESUME_SAFE_KEYS = (
+    "train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.validate_every",
+    "train.validation_prompts", "train.validation_seeds", "train.validation_steps", "train.validation_guidance",
+    "train.log_every", "train.num_workers", "train.cache_dir", "train.cache_latents",
+)
+"""Keys that may differ when resuming: they change how long the run goes and what it writes on the way,
+not the state already trained. (A longer max_steps stretches a decaying LR schedule from here on.)"""
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "options":
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ (dotted names -> (old, new))."""
+    a, b = flatten(old.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

@@ -1,0 +1,227 @@
+"""Training methods as registry entries composed from small parts.
+
+A method decides three things, each a small function shared between methods:
+  1. which parameters train (whole UNet / LoRA adapters; text encoder optionally, the same way);
+  2. which prompt each image gets (DreamBooth instance prompt or the caption) - `MethodSection.prompt_mode`;
+  3. how the final weights are saved (a diffusers pipeline folder, or a LoRA file that
+     `StableDiffusionPipeline.load_lora_weights` reads) and the run's `synthcxr_model.json`.
+Prior preservation (class images from the base model) works with every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from synthcxr.fileio import atomic_write_json, hash_strings
+from synthcxr.logging_utils import get_logger
+from synthcxr.train.config import MethodSection, TrainConfig
+
+log = get_logger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class Models:
+    """The pieces of a Stable Diffusion pipeline that training touches."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any  # the pipeline's sampling scheduler (kept for export and validation)
+    noise_scheduler: Any  # DDPM training scheduler built from the same config
+
+
+# --------------------------------------------------------------------------- 1. trainable parameters
+def _freeze(module: Any, cfg: MethodSection) -> None:
+    module.requires_grad_(False)
+
+
+def _train_all(module: Any, cfg: MethodSection) -> None:
+    module.requires_grad_(True)
+
+
+def _lora_config(cfg: MethodSection, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+                      lora_dropout=cfg.dropout, use_dora=cfg.dora, init_lora_weights="gaussian",
+                      target_modules=targets)
+
+
+def _unet_lora(unet: Any, cfg: MethodSection) -> None:
+    unet.requires_grad_(False)
+    unet.add_adapter(_lora_config(cfg, cfg.target_modules))
+
+
+def _text_lora(text_encoder: Any, cfg: MethodSection) -> None:
+    text_encoder.requires_grad_(False)
+    text_encoder.add_adapter(_lora_config(cfg, cfg.text_encoder_target_modules))
+
+
+# --------------------------------------------------------------------------- 3. export
+def _pipeline_for(models: Models):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(unet=models.unet, vae=models.vae, text_encoder=models.text_encoder,
+                                   tokenizer=models.tokenizer, scheduler=models.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _export_pipeline(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Full weights: a diffusers folder that any StableDiffusionPipeline.from_pretrained loads."""
+    _pipeline_for(models).save_pretrained(out_dir, safe_serialization=True)
+    return {"pipeline": out_dir.name, "lora": None}
+
+
+def _export_lora(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """LoRA: diffusers' own file format, so a plain pipeline loads it with load_lora_weights."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
+    text_layers = None
+    if cfg.method.train_text_encoder:
+        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.text_encoder))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=text_layers, weight_name=LORA_FILE,
+                                              safe_serialization=True)
+    return {"pipeline": None, "lora": f"{out_dir.name}/{LORA_FILE}"}
+
+
+# --------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Method:
+    name: str
+    unet: Callable[[Any, MethodSection], None]
+    text_encoder: Callable[[Any, MethodSection], None]
+    export: Callable[[Models, Path, TrainConfig], dict[str, Any]]
+    full_weights: bool
+    """Trainable parameters are whole weights (kept fp32 as master weights under mixed precision)."""
+
+
+METHODS: dict[str, Method] = {
+    "dreambooth": Method("dreambooth", _train_all, _train_all, _export_pipeline, full_weights=True),
+    "full": Method("full", _train_all, _train_all, _export_pipeline, full_weights=True),
+    "lora": Method("lora", _unet_lora, _text_lora, _export_lora, full_weights=False),
+}
+
+
+def apply_method(models: Models, cfg: MethodSection) -> Method:
+    """Set requires_grad / add adapters; the VAE never trains."""
+    method = METHODS[cfg.name]
+    models.vae.requires_grad_(False)
+    method.unet(models.unet, cfg)
+    (method.text_encoder if cfg.train_text_encoder else _freeze)(models.text_encoder, cfg)
+    return method
+
+
+def trainable_named_parameters(models: Models) -> dict[str, Any]:
+    """Every trainable parameter under a stable name ("unet.<name>", "text_encoder.<name>")."""
+    out = {}
+    for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder)):
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                out[f"{prefix}.{name}"] = param
+    return out
+
+
+def param_groups(models: Models, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """UNet and text encoder parameters as optimizer groups (the text encoder may have its own lr)."""
+    groups = []
+    unet_params = [p for p in models.unet.parameters() if p.requires_grad]
+    text_params = [p for p in models.text_encoder.parameters() if p.requires_grad]
+    lr = cfg.optimizer.effective_lr
+    if unet_params:
+        groups.append({"params": unet_params, **({"lr": lr} if lr is not None else {})})
+    if text_params:
+        text_lr = cfg.method.text_encoder_lr if cfg.method.text_encoder_lr is not None else lr
+        groups.append({"params": text_params, **({"lr": text_lr} if text_lr is not None else {})})
+    return groups
+
+
+def export_final(method: Method, models: Models, run_root: Path, cfg: TrainConfig, base_model: str) -> Path:
+    """Write final weights and `synthcxr_model.json` so `synthcxr generate --model RUN_DIR` works."""
+    from synthcxr.models.load import RUN_MODEL_FILE
+
+    final = run_root / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    info = method.export(models, final, cfg)
+    atomic_write_json(run_root / RUN_MODEL_FILE, {"base_model": base_model, **info, "method": method.name})
+    return final
+
+
+# --------------------------------------------------------------------------- 2. prompts
+def instance_prompt(cfg: TrainConfig) -> str:
+    if cfg.method.instance_prompt:
+        return cfg.method.instance_prompt
+    from synthcxr.data.captions import instance_prompt as data_instance_prompt
+
+    return data_instance_prompt(cfg.data.captions)
+
+
+def class_prompt(cfg: TrainConfig) -> str:
+    if cfg.method.class_prompt:
+        return cfg.method.class_prompt
+    from synthcxr.data.captions import class_prompt as data_class_prompt
+
+    return data_class_prompt(cfg.data.captions)
+
+
+def prompt_for(record: Any, cfg: TrainConfig) -> str:
+    if cfg.method.prompt_mode == "instance":
+        return instance_prompt(cfg)
+    if record.caption:
+        return record.caption
+    from synthcxr.data.captions import caption_for
+
+    return caption_for(record, cfg.data.captions)
+
+
+# --------------------------------------------------------------------------- prior preservation
+def class_images_dir(cache_root: Path, cfg: TrainConfig, model_fingerprint: str) -> Path:
+    key = hash_strings([model_fingerprint, class_prompt(cfg), str(cfg.data.resolution),
+                        str(cfg.method.class_image_steps), str(cfg.method.class_image_guidance)])[:16]
+    return cache_root / "class_images" / key
+
+
+def ensure_class_images(models: Models, cfg: TrainConfig, folder: Path, device: Any, dtype: Any) -> list[Path]:
+    """Generate the class images once with the *base* model (before any training); reuse them after.
+
+    Image i always uses seed i, and finished images are never redone, so an interrupted generation
+    continues where it stopped and every run on the same model + prompt shares the same set.
+    """
+    import torch
+
+    from synthcxr.fileio import atomic_write_bytes
+    from synthcxr.logging_utils import progress_bar
+
+    n = cfg.method.num_class_images
+    paths = [folder / f"class_{i:05d}.png" for i in range(n)]
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    if not todo:
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = _pipeline_for(models)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = class_prompt(cfg)
+    log.info("generating %d class images for prior preservation (%r) into %s", len(todo), prompt, folder)
+    import io
+
+    with progress_bar(len(todo), "class images") as (progress, task), torch.autocast(device.type, dtype=dtype,
+                                                                                     enabled=dtype != torch.float32):
+        for i in todo:
+            generator = torch.Generator(device="cpu").manual_seed(i)
+            image = pipe(prompt, num_inference_steps=cfg.method.class_image_steps,
+                         guidance_scale=cfg.method.class_image_guidance, generator=generator,
+                         height=cfg.data.resolution, width=cfg.data.resolution).images[0]
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            atomic_write_bytes(paths[i], buf.getvalue())
+            progress.advance(task)
+    return paths
