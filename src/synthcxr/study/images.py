@@ -46,7 +46,7 @@ def _label_from_name(path: Path) -> str | None:
 
 
 def _from_manifest(manifest: Path, group: str, source: str) -> list[SourceImage]:
-    rows = read_jsonl(manifest)
+    rows = list({row.get("file"): row for row in read_jsonl(manifest)}.values())  # a repeated line: last wins
     images = []
     for i, row in enumerate(rows):
         file = row.get("file")

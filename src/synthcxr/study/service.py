@@ -144,7 +144,9 @@ def _add_reader(session: Session, study: Study, reader_name: str, secret: str) -
     reader = Reader(study_id=study.id, name=reader_name, invite_hash=hash_token(secret, "invite:" + token))
     session.add(reader)
     session.flush()
-    image_ids = sorted(session.scalars(select(Image.id).where(Image.study_id == study.id)))
+    # start from a content-based order (not the random ids) so the same seed gives the same order
+    images = session.execute(select(Image.id, Image.model, Image.original_path).where(Image.study_id == study.id))
+    image_ids = [i for i, *_ in sorted(images, key=lambda row: (row[1], row[2]))]
     order = _reading_order(image_ids, study.seed, reader_name, study.repeats)
     tasks = [Task(public_id=opaque_id(), reader_id=reader.id, image_id=i, position=n) for n, (i, _) in enumerate(order)]
     session.add_all(tasks)
