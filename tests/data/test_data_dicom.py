@@ -93,3 +93,18 @@ def test_unreadable_dicoms_are_all_reported(copy_of):
     assert len(info.value.problems) == 2
     kept = load_records(DataConfig(path=root, resolution=64, on_error="skip"))
     assert len(kept) == 7
+
+
+def test_kept_pixels_are_shrunk_to_the_resolution_and_inspect_keeps_none(tmp_path):
+    stored = np.tile(np.linspace(0, 4095, 256), (128, 1))
+    write_dicom(tmp_path / "big.dcm", stored, bits_stored=12)
+    (record,) = load_records(DataConfig(path=tmp_path, resolution=64))
+    assert record.pixels.shape == (64, 128)  # shorter side = resolution, aspect kept
+    assert float(record.pixels[:, 0].mean()) < 0.02 and float(record.pixels[:, -1].mean()) > 0.98
+    from synthcxr.data.inspect import inspect_data
+
+    report = inspect_data([tmp_path])
+    assert not report.problems and report.records[0].pixels is None
+    # without kept pixels the file itself is decoded again for the model input
+    gray = np.asarray(load_image(report.records[0], resolution=32, resize="pad"))[..., 0]
+    assert gray[16, 0] < 10 and gray[16, -1] > 245 and gray[0].max() == 0

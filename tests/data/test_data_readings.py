@@ -46,6 +46,7 @@ def test_shenzhen_readings_variants(text, sex, age, finding):
         ("\ufeffPatient\u2019s Sex: Male\n\nPatient's Age: 009M\n\nbilateral infiltrates\nand effusion\n", "male", 0.75,
          "bilateral infiltrates and effusion"),
         ("Patient's Age: 070Y\nPatient's Sex: M\n", "male", 70.0, None),
+        ("Patient's Sex: O\nPatient's Age: 070Y\nnormal", None, 70.0, "normal"),
     ],
 )
 def test_montgomery_readings_variants(text, sex, age, finding):

@@ -69,7 +69,7 @@ def check_records(records: list[XrayRecord], full: bool = True, show_progress: b
     fix_corrupt = "re-copy or re-export the image from its source, or remove it"
 
     def one(record: XrayRecord) -> None:
-        if record.pixels is None and record.image_path is not None:
+        if record.pixels is None and record.image_path is not None and record.extra.get("format") != "dicom":
             error = check_image(Path(record.image_path), full=full)
             if error:
                 problems.append(Problem(record.image_path, error, fix_corrupt))

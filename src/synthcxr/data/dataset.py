@@ -3,8 +3,7 @@ and `XrayDataset`, the map-style dataset the training loop feeds to a DataLoader
 
 from __future__ import annotations
 
-import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from synthcxr.data.captions import caption_for
 from synthcxr.data.checks import check_records
@@ -14,9 +13,6 @@ from synthcxr.data.readers import scan_paths
 from synthcxr.data.records import XrayRecord
 from synthcxr.errors import DataError, ProblemsError
 from synthcxr.logging_utils import get_logger
-
-if TYPE_CHECKING:
-    import torch
 
 log = get_logger(__name__)
 
@@ -51,25 +47,27 @@ class XrayDataset:
     """Records -> {"pixel_values": 3xHxW float in [-1, 1], "caption", "key"} for a torch DataLoader.
 
     Torch's DataLoader only needs `__len__`/`__getitem__`, so this stays importable without torch.
-    Flips happen only when `cfg.hflip` is set (X-rays have laterality).
+    Flips happen only when `cfg.hflip` is set (X-rays have laterality); they draw from torch's RNG,
+    which `torch.manual_seed` makes reproducible and DataLoader workers seed differently.
     """
 
-    def __init__(self, records: list[XrayRecord], cfg: DataConfig, train: bool = True, seed: int = 0):
+    def __init__(self, records: list[XrayRecord], cfg: DataConfig, train: bool = True):
         self.records = records
         self.cfg = cfg
         self.flip = cfg.hflip and train
-        self._rng = random.Random(seed)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
         record = self.records[index]
         image = load_image(record, self.cfg.resolution, self.cfg.resize)
-        if self.flip and self._rng.random() < 0.5:
+        if self.flip and bool(torch.rand(()) < 0.5):
             from PIL import ImageOps
 
             image = ImageOps.mirror(image)
-        pixel_values: torch.Tensor = to_model_tensor(image)
+        pixel_values = to_model_tensor(image)
         return {"pixel_values": pixel_values, "caption": record.caption or caption_for(record, self.cfg.captions),
                 "key": record.key}

@@ -65,7 +65,7 @@ class InspectReport:
 
 def inspect_data(paths: list[Path], format: str = "auto", manifest: Path | None = None) -> InspectReport:
     """Read and fully decode every image of `paths`; nothing is skipped silently."""
-    scan = scan_paths(paths, format, manifest, resolution=None)
+    scan = scan_paths(paths, format, manifest, resolution=None, keep_pixels=False)
     records, image_problems = check_records(scan.records, full=True)
     return InspectReport(paths=list(paths), records=records, problems=scan.problems + image_problems)
 

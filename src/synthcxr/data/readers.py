@@ -20,6 +20,7 @@ import numpy as np
 from synthcxr.data.dicom import DICOM_SUFFIXES, dicom_to_float, is_dicom_file
 from synthcxr.data.preprocess import IMAGE_SUFFIXES
 from synthcxr.data.readings import (
+    UNKNOWN_SEX,
     Reading,
     ReadingsParseError,
     label_from_suffix,
@@ -76,7 +77,8 @@ class Reader:
     def detect(self, path: Path) -> list[Path]:
         raise NotImplementedError
 
-    def scan(self, root: Path, manifest: Path | None = None, resolution: int | None = None) -> ScanResult:
+    def scan(self, root: Path, manifest: Path | None = None, resolution: int | None = None,
+             keep_pixels: bool = True) -> ScanResult:
         raise NotImplementedError
 
 
@@ -101,7 +103,8 @@ class NativeTBReader(Reader):
             return [path]
         return [c for c in sorted(path.iterdir()) if c.is_dir() and self._looks_like(c)] if path.is_dir() else []
 
-    def scan(self, root: Path, manifest: Path | None = None, resolution: int | None = None) -> ScanResult:
+    def scan(self, root: Path, manifest: Path | None = None, resolution: int | None = None,
+             keep_pixels: bool = True) -> ScanResult:
         result = ScanResult()
         images_dir, readings_dir = root / "CXR_png", root / "ClinicalReadings"
         if not images_dir.is_dir():
@@ -195,11 +198,15 @@ def _row_file(row: dict[str, str]) -> str | None:
 
 
 def shrink(pixels: np.ndarray, resolution: int | None) -> np.ndarray:
-    """Downscale a decoded image so its shorter side is at most 2x the training resolution (saves memory)."""
+    """Downscale a decoded image so its shorter side is the training resolution.
+
+    A 3000 x 3000 float32 radiograph is 36 MB; kept at the resolution it is used at, a few thousand
+    DICOM records fit in memory. Preprocessing then only crops or pads.
+    """
     if resolution is None:
         return pixels
     h, w = pixels.shape[:2]
-    target = 2 * resolution
+    target = resolution
     if min(h, w) <= target:
         return pixels
     from PIL import Image
@@ -239,7 +246,7 @@ class FolderReader(Reader):
         found = [root / n for n in MANIFEST_NAMES if (root / n).is_file()]
         return found[0] if found else None
 
-    def _dicom_record(self, path: Path, root: Path, resolution: int | None) -> XrayRecord:
+    def _dicom_record(self, path: Path, root: Path, resolution: int | None, keep_pixels: bool) -> XrayRecord:
         import pydicom
 
         ds = pydicom.dcmread(path)
@@ -256,16 +263,17 @@ class FolderReader(Reader):
             source=self.name,
             sex=parse_sex(ds.get("PatientSex")),
             age=age,
-            pixels=pixels,
-            extra={"relpath": path.relative_to(root).as_posix(), "sha256": pixel_hash,
+            pixels=pixels if keep_pixels else None,
+            extra={"relpath": path.relative_to(root).as_posix(), "sha256": pixel_hash, "format": "dicom",
                    "photometric": str(ds.get("PhotometricInterpretation", "")),
                    "bits_stored": int(ds.get("BitsStored", 0) or 0)},
         )
 
-    def _record(self, path: Path, root: Path, resolution: int | None, result: ScanResult) -> XrayRecord | None:
+    def _record(self, path: Path, root: Path, resolution: int | None, result: ScanResult,
+                keep_pixels: bool = True) -> XrayRecord | None:
         if self._kind(path) == "dicom":
             try:
-                return self._dicom_record(path, root, resolution)
+                return self._dicom_record(path, root, resolution, keep_pixels)
             except Exception as exc:  # pydicom raises many types for broken files
                 result.problems.append(Problem(path, f"unreadable DICOM: {type(exc).__name__}: {exc}",
                                                "re-export the file from the PACS; for compressed transfer syntaxes "
@@ -274,7 +282,8 @@ class FolderReader(Reader):
         return XrayRecord(image_path=path, patient_id=path.stem, source=self.name,
                           label=None, extra={"relpath": path.relative_to(root).as_posix()})
 
-    def scan(self, root: Path, manifest: Path | None = None, resolution: int | None = None) -> ScanResult:
+    def scan(self, root: Path, manifest: Path | None = None, resolution: int | None = None,
+             keep_pixels: bool = True) -> ScanResult:
         result = ScanResult()
         manifest = self._find_manifest(root, manifest)
         files = _visible_files(root, True)
@@ -295,13 +304,13 @@ class FolderReader(Reader):
             return result
         if manifest is None:
             for path in usable:
-                if (record := self._record(path, root, resolution, result)) is not None:
+                if (record := self._record(path, root, resolution, result, keep_pixels)) is not None:
                     result.records.append(record)
             return result
-        return self._scan_manifest(root, manifest, usable, resolution, result)
+        return self._scan_manifest(root, manifest, usable, resolution, result, keep_pixels)
 
     def _scan_manifest(self, root: Path, manifest: Path, usable: list[Path], resolution: int | None,
-                       result: ScanResult) -> ScanResult:
+                       result: ScanResult, keep_pixels: bool) -> ScanResult:
         if not manifest.is_file():
             result.problems.append(Problem(manifest, "manifest not found", "check the manifest path"))
             return result
@@ -327,12 +336,12 @@ class FolderReader(Reader):
                 continue
             sex_value = row.get("sex")
             sex = parse_sex(sex_value)
-            if sex is None and sex_value not in (None, "") and str(sex_value).strip().lower() not in ("o", "u", "unknown", "other", "x"):
+            if sex is None and sex_value not in (None, "") and str(sex_value).strip().lower() not in UNKNOWN_SEX:
                 result.problems.append(Problem(manifest, f"line {line}: sex {sex_value!r} is not M/F/male/female",
                                                "write M, F, male, female, or leave it empty"))
                 continue
             before = len(result.problems)
-            record = self._record(path, root, resolution, result)
+            record = self._record(path, root, resolution, result, keep_pixels)
             if record is None or len(result.problems) > before:
                 continue
             record.patient_id = str(row.get("patient_id") or "").strip() or record.patient_id
@@ -375,7 +384,8 @@ def detect_layouts(path: Path) -> list[tuple[str, Path]]:
 
 
 def scan_paths(paths: list[Path], format: str = "auto", manifest: Path | None = None,
-               resolution: int | None = None) -> ScanResult:
+               resolution: int | None = None,
+             keep_pixels: bool = True) -> ScanResult:
     """Read every path with the given (or detected) layout; problems from all paths are combined."""
     result = ScanResult()
     for path in paths:
@@ -396,5 +406,5 @@ def scan_paths(paths: list[Path], format: str = "auto", manifest: Path | None = 
             found = [(format, r) for r in roots] or [(format, path)]
         for name, root in found:
             log.debug("reading %s as %s", root, name)
-            result.extend(READERS[name].scan(root, manifest=manifest, resolution=resolution))
+            result.extend(READERS[name].scan(root, manifest=manifest, resolution=resolution, keep_pixels=keep_pixels))
     return result

@@ -26,6 +26,7 @@ class Reading:
     finding: str | None
 
 
+UNKNOWN_SEX = {"o", "u", "x", "other", "unknown"}  # DICOM-style "other/unknown": known to be unknown
 _SEX_WORDS = {"male": "male", "m": "male", "man": "male", "female": "female", "f": "female", "woman": "female"}
 _SEX_RE = re.compile(r"(?<![a-z])(female|male|woman|man)(?![a-z])", re.I)
 _SEX_LETTER_RE = re.compile(r"^\W*([mf])(?![a-z])", re.I)
@@ -167,8 +168,9 @@ def parse_montgomery(text: str) -> Reading:
     for line in lines:
         if m := _MCU_SEX_RE.match(line):
             sex_seen = True
-            sex = parse_sex(m.group(1).split(" ")[0] if m.group(1) else "")
-            if sex is None:
+            value = m.group(1).split(" ")[0] if m.group(1) else ""
+            sex = parse_sex(value)
+            if sex is None and value.lower().rstrip(".") not in UNKNOWN_SEX:
                 raise ReadingsParseError(f"sex {m.group(1)!r} in line {line!r} is not M/F/male/female")
         elif m := _MCU_AGE_RE.match(line):
             age_seen = True
