@@ -27,7 +27,7 @@ from synthcxr.logging_utils import get_logger
 log = get_logger(__name__)
 
 MANIFEST = "manifest.jsonl"
-RUN_SETTINGS = ("model", "scheduler", "steps", "guidance", "resolution", "dtype")
+RUN_SETTINGS = ("model", "scheduler", "steps", "guidance", "resolution", "dtype", "prediction_type")
 """Settings shared by every image of one generation."""
 IMAGE_SETTINGS = (*RUN_SETTINGS, "prompt", "negative_prompt", "seed")
 """Settings that decide one image; a listed image must agree on all of them to be reused."""
@@ -38,7 +38,7 @@ def file_name(index: int, suffix: str) -> str:
 
 
 def plan_rows(jobs: list[ImageJob], *, model: str, scheduler: str, steps: int, guidance: float,
-              resolution: int, dtype: str, suffix: str) -> dict[str, dict[str, Any]]:
+              resolution: int, dtype: str, suffix: str, prediction_type: str) -> dict[str, dict[str, Any]]:
     """Manifest rows (without sha256/created) of every planned image, keyed by file name."""
     rows = {}
     for job in jobs:
@@ -46,6 +46,7 @@ def plan_rows(jobs: list[ImageJob], *, model: str, scheduler: str, steps: int, g
             "file": file_name(job.index, suffix), "index": job.index, "prompt": job.prompt,
             "negative_prompt": job.negative_prompt, "seed": job.seed, "model": model, "scheduler": scheduler,
             "steps": steps, "guidance": guidance, "resolution": resolution, "dtype": dtype,
+            "prediction_type": prediction_type,
         }
         row.update({k: v for k, v in job.attributes.items() if v is not None})
         rows[row["file"]] = row

@@ -154,15 +154,19 @@ def generate_images(
     if pipe is None:
         pipe = load_pipeline(cfg.model, torch_dtype=dtype, device=device, prediction_type=cfg.prediction_type,
                              single_file_config=cfg.single_file_config)
-    elif cfg.prediction_type is not None:
+    # build every sampler from the model's own scheduler config, not from a sampler set by an earlier call
+    base_scheduler = getattr(pipe, "_synthcxr_model_scheduler", None) or pipe.scheduler.config
+    pipe._synthcxr_model_scheduler = base_scheduler
+    pipe.scheduler = make_scheduler(cfg.scheduler, base_scheduler)
+    if cfg.prediction_type is not None:
         pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
     resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     # 3. what is already done in `out`, and is it from the same settings?
     model_name = model_id(cfg.model)
     rows = plan_rows(jobs, model=model_name, scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance,
-                     resolution=resolution, dtype=_dtype_name(dtype), suffix=exporter.suffix)
+                     resolution=resolution, dtype=_dtype_name(dtype), suffix=exporter.suffix,
+                     prediction_type=pipe.scheduler.config.prediction_type)
     state = ManifestState.open(out, rows)
     pending = [job for job in jobs if job.index not in state.done]
     save_config(cfg, out / CONFIG_FILE)
