@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     from synthcxr.errors import SynthCXRError
 
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:  # `raise typer.Exit(n)` is returned, not raised, without standalone mode
+            sys.exit(rc)
     except SynthCXRError as exc:
         if _state["debug"]:
             raise
@@ -88,7 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click usage errors come through here with standalone_mode=False
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        # typer >= 0.20 raises its vendored click's exceptions (typer._click), not click's own
+        click_errors: tuple[type, ...] = (click.exceptions.ClickException,)
+        try:
+            from typer import _click as vendored_click
+
+            click_errors += (vendored_click.exceptions.ClickException,)
+        except ImportError:
+            pass
+        if isinstance(exc, click_errors):
             exc.show()
             sys.exit(exc.exit_code)
         raise
