@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
-from synthcxr.cli import app
+from synthcxr.cli import app, main
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "400"}  # keep file paths on one line in rich tables
@@ -95,3 +96,16 @@ def test_make_fixture_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "MontgomerySet" / "CXR_png").glob("*.png"))) == 4
     assert runner.invoke(app, ["data", "make-fixture", str(tmp_path), "--layout", "nifti"]).exit_code != 0
+
+
+def test_console_entry_point_exit_status(copy_of, capsys):
+    root = copy_of("montgomery")
+    (root / "ClinicalReadings" / "MCUCXR_0001_0.txt").write_text("Patient's Sex: M\n")
+    with pytest.raises(SystemExit) as info:
+        main(["data", "inspect", str(root)])
+    assert info.value.code == 1
+    with pytest.raises(SystemExit) as info:  # a load with on_error: fail prints the problems, no traceback
+        main(["data", "split", str(root), "--out", str(root.parent / "split.json")])
+    assert info.value.code == 2
+    assert "MCUCXR_0001_0.txt" in capsys.readouterr().err
+    assert not (root.parent / "split.json").exists()

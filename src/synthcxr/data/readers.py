@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from synthcxr.data.readings import (
 from synthcxr.data.records import XrayRecord
 from synthcxr.errors import DataError, Problem
 from synthcxr.fileio import sha256_bytes
-from synthcxr.logging_utils import get_logger
+from synthcxr.logging_utils import get_logger, progress_bar
 
 log = get_logger(__name__)
 
@@ -67,6 +67,17 @@ def _visible_files(folder: Path, recursive: bool) -> list[Path]:
             continue
         out.append(p)
     return sorted(out)
+
+
+def _with_progress(items: list, description: str, threshold: int = 200) -> Iterator:
+    """Iterate, with a progress bar (and ETA) when the list is long enough to take a while (DICOM decoding)."""
+    if len(items) < threshold:
+        yield from items
+        return
+    with progress_bar(len(items), description) as (progress, task):
+        for item in items:
+            yield item
+            progress.advance(task)
 
 
 class Reader:
@@ -294,8 +305,8 @@ class FolderReader(Reader):
             elif manifest is not None and path.resolve() == manifest.resolve():
                 continue
             elif path.suffix.lower() not in SIDE_FILE_SUFFIXES:
-                what = "DICOM" if self.dicom and not self.images else "image"
-                result.problems.append(Problem(path, f"not an {what} file ({path.suffix or 'no extension'})",
+                what = "a DICOM" if self.dicom and not self.images else "an image"
+                result.problems.append(Problem(path, f"not {what} file ({path.suffix or 'no extension'})",
                                                "move it out of the data folder, or convert it to PNG/DICOM"))
         if not usable:
             kinds = "DICOM" if not self.images else "PNG/JPEG/TIFF"
@@ -303,7 +314,7 @@ class FolderReader(Reader):
                                            "point the path at the folder holding the images"))
             return result
         if manifest is None:
-            for path in usable:
+            for path in _with_progress(usable, f"reading {root.name}"):
                 if (record := self._record(path, root, resolution, result, keep_pixels)) is not None:
                     result.records.append(record)
             return result
@@ -317,7 +328,7 @@ class FolderReader(Reader):
         rows, problems = read_manifest(manifest)
         result.problems += problems
         listed = set()
-        for line, row in rows:
+        for line, row in _with_progress(rows, f"reading {root.name}"):
             name = _row_file(row)
             if not name:
                 result.problems.append(Problem(manifest, f"line {line}: empty file column", "fill in the image file name"))
