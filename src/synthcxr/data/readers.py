@@ -122,7 +122,8 @@ class NativeTBReader(Reader):
             result.problems.append(Problem(images_dir, "image folder CXR_png not found",
                                            f"point the path at the {self.folder} folder that holds CXR_png/"))
             return result
-        readings = {p.stem.lower(): p for p in _visible_files(readings_dir, False)} if readings_dir.is_dir() else {}
+        readings = ({p.stem.lower(): p for p in _visible_files(readings_dir, False) if p.suffix.lower() == ".txt"}
+                    if readings_dir.is_dir() else {})
         files = _visible_files(images_dir, False)
         pngs = []
         for path in files:
