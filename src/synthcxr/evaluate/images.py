@@ -100,7 +100,8 @@ def _read_generation(root: Path) -> ImageSet:
 
 
 def _is_native_layout(root: Path) -> bool:
-    return (root / "CXR_png").is_dir() or any(p.is_dir() for p in root.glob("*/CXR_png"))
+    """Montgomery/Shenzhen (`CXR_png/`) or a data-layer folder with `manifest.csv`: read by `synthcxr.data`."""
+    return (root / "CXR_png").is_dir() or any(p.is_dir() for p in root.glob("*/CXR_png")) or (root / "manifest.csv").is_file()
 
 
 def _read_native(root: Path) -> ImageSet:
