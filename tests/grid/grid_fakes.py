@@ -80,13 +80,23 @@ class FakeStages:
         self._log("evaluate", run=name, images=images_dir)
         score = float(sum(map(ord, name)) % 50 + 10)
         files = sorted(Path(images_dir).glob("*.png"))
-        result = {
-            "n_real": 8, "n_fake": len(files),
-            "fid": {"value": score, "ci": [score - 2, score + 3]},
-            "kid": {"mean": score / 1000, "std": 0.001, "ci": [score / 1000 - 0.002, score / 1000 + 0.002]},
-            "precision": {"value": 0.5, "ci": [0.4, 0.6]},
-            "memorization": {"max_similarity": 0.9,
-                             "top_pairs": [{"synthetic": str(files[0]), "train": str(files[-1]), "similarity": 0.9}]},
+        pair = {"synthetic": str(files[0]), "nearest_by_feature": str(files[-1]), "feature_cosine": 0.97,
+                "nearest_by_ssim": str(files[-1]), "ssim": 0.91, "flagged": True}
+        result = {  # the shape `synthcxr evaluate` writes
+            "config": {"real": "data/x"},
+            "fidelity": {
+                "n_real": 8, "n_fake": len(files), "feature_dim": 64,
+                "fid": {"value": score, "ci": [score - 2, score + 3], "method": "svd"},
+                "kid": {"mean": score / 1000, "std": 0.001, "ci": [score / 1000 - 0.002, score / 1000 + 0.002]},
+                "precision": {"value": 0.5, "ci": [0.4, 0.6]},
+                "recall": {"value": 0.25 + score / 1000, "ci": [0.2, 0.4]},
+            },
+            "diversity": {"synthetic": {"mean": 0.3, "std": 0.1, "ci": [0.25, 0.35]},
+                          "real": {"mean": 0.2, "std": 0.1, "ci": [0.15, 0.25]}, "synthetic_minus_real": 0.1},
+            "memorization": {"ssim": {"mean": 0.5, "max": 0.91}, "feature_cosine": {"mean": 0.8, "max": 0.97},
+                             "n_flagged": 1, "flagged_fraction": 1 / len(files), "top_pairs": [pair]},
+            "utility": {"real": {"auc": 0.7, "ci": [0.6, 0.8]}, "conditioning": {"label": {"overall": 0.75, "n": 4}}},
+            "warnings": [], "timings_s": {"total": 1.0},
         }
         atomic_write_json(out_json, result)
         return result

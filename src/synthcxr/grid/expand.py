@@ -291,6 +291,25 @@ def _yaml_scalar(text: Any) -> Any:
     return value if isinstance(value, int | float | bool) and not isinstance(value, str) else text
 
 
+def single_folder(path: Any) -> str | None:
+    """One folder for a data path that may list several sets (Montgomery + Shenzhen -> their parent).
+
+    Evaluation takes one folder and reads every Montgomery/Shenzhen set below it.
+    """
+    if path is None:
+        return None
+    if not isinstance(path, list):
+        return str(path)
+    if len(path) == 1:
+        return str(path[0])
+    parents = {str(Path(p).parent) for p in path}
+    if len(parents) == 1:
+        return parents.pop()
+    import os
+
+    return os.path.commonpath([str(Path(p).resolve()) for p in path])
+
+
 def _matches(combo: dict[str, Any], pattern: dict[str, Any]) -> bool:
     return all(str(combo.get(k)) == str(v) for k, v in pattern.items())
 
@@ -409,10 +428,12 @@ def expand_grid(
     if not runs:
         raise ConfigError("the grid expands to no runs", file=source,
                           fix="add axes values, include entries or baseline: true (check exclude)")
-    base_resolved = base
-    return GridPlan(name=grid.name, runs=runs, generate=dict(grid.generate), evaluate=dict(grid.evaluate),
+    evaluate = dict(grid.evaluate)
+    if "real" not in evaluate and (real := single_folder((base.get("data") or {}).get("path"))):
+        evaluate["real"] = real  # compare with the images the runs were trained on
+    return GridPlan(name=grid.name, runs=runs, generate=dict(grid.generate), evaluate=evaluate,
                     study=grid.study if grid.study and grid.study.enabled else None,
-                    launcher=grid.launcher, source=source, base=base_resolved)
+                    launcher=grid.launcher, source=source, base=base)
 
 
 def load_plan(path: str | Path, overrides: list[str] | None = None,

@@ -209,9 +209,9 @@ def eval_complete(paths: RunPaths) -> bool:
         return False
 
 
-def _has_checkpoint(train_dir: Path) -> bool:
-    ckpt = train_dir / "checkpoints"
-    return ckpt.is_dir() and any(ckpt.iterdir())
+def _train_started(train_dir: Path) -> bool:
+    """A started run has its resolved config saved; training then resumes from its last checkpoint."""
+    return (train_dir / "config.yaml").is_file()
 
 
 class _RunLog:
@@ -279,7 +279,7 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
                 result.steps["train"] = "skipped"
                 model = str(paths.train)
             else:
-                resume = _has_checkpoint(paths.train)
+                resume = _train_started(paths.train)
                 log.info("[%s] training%s", spec.name, " (resuming)" if resume else "")
                 stages.train(spec.train, paths.train, resume)
                 if not train_complete(paths):

@@ -39,11 +39,11 @@ def evaluate_stage(settings: dict[str, Any], images_dir: Path, out_json: Path,
     """Evaluate one run's images; memorization is checked against the run's own training data
     unless the grid names a `train` set explicitly."""
     from synthcxr.evaluate.run import EvaluateConfig, evaluate
+    from synthcxr.grid.expand import single_folder
 
     data = {**settings, "fake": str(images_dir), "out": str(out_json)}
-    fields = EvaluateConfig.model_fields
-    if "train" in fields and not data.get("train") and train_config:
-        data["train"] = (train_config.get("data") or {}).get("path")
+    if not data.get("train") and train_config:
+        data["train"] = single_folder((train_config.get("data") or {}).get("path"))
     cfg = build_config(EvaluateConfig, data, "grid evaluate settings")
     return evaluate(cfg)
 

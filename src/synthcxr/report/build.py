@@ -53,8 +53,8 @@ def _best(rows: list[dict[str, Any]], column: str) -> str | None:
     way = direction(column)
     scored = [(r["run"], r[column].value if isinstance(r[column], Metric) else r[column]) for r in rows
               if isinstance(r.get(column), Metric | int | float) and not isinstance(r.get(column), bool)]
-    if not way or len(scored) < 2:
-        return None
+    if not way or len(scored) < 2 or len({v for _, v in scored}) == 1:
+        return None  # nothing to rank, or every run ties
     return (min if way == "low" else max)(scored, key=lambda x: x[1])[0]
 
 
@@ -115,6 +115,8 @@ def _memorization(data: ReportData, thumb: int) -> list[dict[str, Any]]:
             pairs.append({
                 "score": cell(pair["score"]) if pair["score"] is not None else "–",
                 "kind": pair["kind"],
+                "cosine": cell(pair["cosine"]) if pair.get("cosine") is not None else None,
+                "flagged": pair.get("flagged", False),
                 "side": plots.image_uri(pair["side_by_side"], thumb * 2) if pair["side_by_side"] and pair["side_by_side"].exists() else None,
                 "synthetic": plots.image_uri(pair["synthetic"], thumb) if pair["synthetic"] and pair["synthetic"].exists() else None,
                 "train": plots.image_uri(pair["train"], thumb) if pair["train"] and pair["train"].exists() else None,

@@ -100,7 +100,7 @@ class RunData:
         b = _first(self.train_summary, ("peak_memory_bytes", "peak_mem_bytes", "max_memory_bytes", "peak_memory"))
         if b is not None:
             return b / 2**20
-        gb = _first(self.train_summary, ("peak_memory_gb", "peak_mem_gb"))
+        gb = _first(self.train_summary, ("peak_memory_gib", "peak_memory_gb", "peak_mem_gb"))
         return gb * 1024 if gb is not None else None
 
     def trainable_params(self) -> int | None:
@@ -168,7 +168,7 @@ def _series(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[flo
 
 def _metric_from(name: str, d: dict[str, Any]) -> Metric | None:
     """Recognise the usual shapes of "a number with uncertainty" in evaluation JSON."""
-    value = _first(d, ("value", "mean", "estimate", "point"))
+    value = _first(d, ("value", "mean", "estimate", "point", "auc"))
     if value is None:
         return None
     low = high = None
@@ -195,8 +195,55 @@ SKIP_NUMBERS = {"n", "count", "seed", "n_real", "n_fake", "n_train", "num_images
                 "epochs", "batch_size", "size"}
 
 
+CURATED: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+    # (column name, JSON path in `synthcxr evaluate` results, value keys tried at that path)
+    ("fid", ("fidelity", "fid"), ("value",)),
+    ("kid", ("fidelity", "kid"), ("mean", "value")),
+    ("precision", ("fidelity", "precision"), ("value",)),
+    ("recall", ("fidelity", "recall"), ("value",)),
+    ("density", ("fidelity", "density"), ("value",)),
+    ("coverage", ("fidelity", "coverage"), ("value",)),
+    ("ms_ssim.synthetic", ("diversity", "synthetic"), ("mean",)),
+    ("ms_ssim.real", ("diversity", "real"), ("mean",)),
+    ("memorization.ssim_max", ("memorization", "ssim"), ("max",)),
+    ("memorization.cosine_max", ("memorization", "feature_cosine"), ("max",)),
+    ("memorization.flagged_fraction", ("memorization", "flagged_fraction"), ()),
+    ("utility_auc.real", ("utility", "real"), ("auc",)),
+    ("utility_auc.synthetic", ("utility", "synthetic"), ("auc",)),
+    ("utility_auc.real+synthetic", ("utility", "real+synthetic"), ("auc",)),
+    ("conditioning.label_agreement", ("utility", "conditioning", "label", "overall"), ()),
+    ("conditioning.sex_agreement", ("utility", "conditioning", "sex", "overall"), ()),
+]
+"""The headline numbers of synthcxr's own evaluation JSON, in the order the report shows them."""
+
+
+def _curated(data: dict[str, Any]) -> list[Metric]:
+    out = []
+    for name, path, keys in CURATED:
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, int | float) and not isinstance(node, bool) and math.isfinite(node):
+            out.append(Metric(name, float(node)))
+        elif isinstance(node, dict) and (value := _first(node, keys)) is not None:
+            metric = _metric_from(name, {**node, "value": value})
+            if metric is not None:
+                out.append(metric)
+    return out
+
+
 def extract_metrics(data: dict[str, Any], prefix: str = "", depth: int = 0) -> list[Metric]:
-    """Every number (with its CI when given) in an evaluation result, named by its JSON path."""
+    """The numbers (with CIs when given) of an evaluation result.
+
+    synthcxr's own results give the curated headline list; any other JSON falls back to every
+    number found, named by its JSON path.
+    """
+    if depth == 0 and not prefix and any(k in data for k in ("fidelity", "diversity", "memorization", "utility")):
+        return _curated(data)
+    return _generic_metrics(data, prefix, depth)
+
+
+def _generic_metrics(data: dict[str, Any], prefix: str = "", depth: int = 0) -> list[Metric]:
     out: list[Metric] = []
     for key, value in data.items():
         if key in SKIP_SECTIONS or key.startswith("_"):
@@ -207,7 +254,7 @@ def extract_metrics(data: dict[str, Any], prefix: str = "", depth: int = 0) -> l
             if metric is not None:
                 out.append(metric)
             elif depth < 3:
-                out.extend(extract_metrics(value, prefix=f"{name}.", depth=depth + 1))
+                out.extend(_generic_metrics(value, prefix=f"{name}.", depth=depth + 1))
         elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             if key in SKIP_NUMBERS or key.startswith("n_"):
                 continue
@@ -237,14 +284,16 @@ def extract_memorization(data: dict[str, Any], eval_path: Path | None, limit: in
         if not isinstance(pair, dict):
             continue
         syn = pair.get("synthetic") or pair.get("fake") or pair.get("generated") or pair.get("query")
-        real = pair.get("train") or pair.get("real") or pair.get("nearest") or pair.get("match")
-        score = _first(pair, ("similarity", "cosine", "ssim", "score", "distance"))
+        real = (pair.get("nearest_by_ssim") or pair.get("train") or pair.get("real") or pair.get("nearest")
+                or pair.get("match"))
+        score = _first(pair, ("ssim", "similarity", "cosine", "feature_cosine", "score", "distance"))
         side = pair.get("side_by_side") or pair.get("image") or pair.get("pair_image")
         resolve = (lambda p: (Path(p) if Path(p).is_absolute() else base / p) if p else None)  # noqa: E731
         out.append({"synthetic": resolve(syn) if isinstance(syn, str) else None,
                     "train": resolve(real) if isinstance(real, str) else None,
                     "side_by_side": resolve(side) if isinstance(side, str) else None,
-                    "score": score, "kind": pair.get("kind") or pair.get("metric") or ""})
+                    "score": score, "kind": pair.get("kind") or pair.get("metric") or ("SSIM" if "ssim" in pair else ""),
+                    "cosine": _first(pair, ("feature_cosine",)), "flagged": bool(pair.get("flagged"))})
     return out
 
 

@@ -44,12 +44,17 @@ def image_uri(path: Path, max_size: int = 160) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _smooth(values: list[float], alpha: float = 0.9) -> list[float]:
-    """Exponential moving average (TensorBoard-style) so noisy diffusion losses stay readable."""
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else alpha * avg + (1 - alpha) * v
-        out.append(avg)
+def _smooth(values: list[float]) -> list[float]:
+    """Debiased exponential moving average whose window is ~5% of the curve.
+
+    A fixed strong smoothing lags far behind short curves; scaling it to the length keeps the
+    smoothed line on top of the raw one for 20 steps and for 20,000.
+    """
+    alpha = min(0.98, max(0.0, 1.0 - 20.0 / max(len(values), 1)))
+    out, avg = [], 0.0
+    for t, v in enumerate(values, 1):
+        avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha**t) if alpha > 0 else v)
     return out
 
 
