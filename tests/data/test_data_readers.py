@@ -111,3 +111,16 @@ def test_dicom_folder_reads_header_attributes(fixture_sets):
         assert record.label == truth["label"]  # from the manifest next to the DICOMs
         assert record.pixels is not None and record.pixels.dtype.name == "float32"
         assert record.pixels.min() >= 0.0 and record.pixels.max() <= 1.0
+
+
+def test_csv_manifest_quoting_bom_and_crlf(copy_of):
+    root = copy_of("folder")
+    (root / "manifest.csv").write_bytes(
+        '\ufefffile,caption,Label,Age\r\n'
+        'images/img_000.png,"a chest x-ray, frontal view\r\nwith a note",TB,044Y\r\n'
+        'images/img_002.jpg,,normal,\r\n'.encode()
+    )
+    first, second = load_records(DataConfig(path=root, resolution=64))
+    assert first.caption == "a chest x-ray, frontal view with a note"  # one line for the tokenizer
+    assert (first.label, first.age) == ("tuberculosis", 44.0)
+    assert second.caption == "a chest x-ray, normal" and second.age is None

@@ -9,6 +9,7 @@ A record is only emitted when its own files were read cleanly. Layouts are regis
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -188,8 +189,9 @@ def read_manifest(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[Pr
                 continue
             rows.append((n, {str(k).strip().lower(): v for k, v in row.items()}))
     else:
-        reader = csv.DictReader(text.splitlines())
-        for n, row in enumerate(reader, start=2):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            n = reader.line_num  # the file line where this row ends (quoted values may span lines)
             if None in row:
                 problems.append(Problem(path, f"line {n} has more values than the header has columns",
                                         "quote values that contain commas"))
@@ -361,7 +363,7 @@ class FolderReader(Reader):
             record.age = age if age is not None else record.age
             record.finding = normalize_finding(str(row["finding"])) if row.get("finding") else None
             record.label = normalize_label(row.get("label"))
-            record.caption = str(row["caption"]).strip() if row.get("caption") else None
+            record.caption = " ".join(str(row["caption"]).split()) if row.get("caption") else None
             record.source = str(row.get("source") or "").strip() or record.source
             known = {"patient_id", "sex", "age", "finding", "label", "caption", "source", *FILE_COLUMNS}
             record.extra.update({k: v for k, v in row.items() if k not in known and v not in (None, "")})
