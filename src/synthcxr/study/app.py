@@ -51,6 +51,9 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
 def get_db(request: Request) -> Iterator[Session]:
+    """One session per request. Endpoints that write commit *before* returning: FastAPI may run
+    this cleanup after the response is sent, and a browser following a redirect must already
+    see the write."""
     session = request.app.state.sessions()
     try:
         yield session
@@ -175,6 +178,10 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
 
     # -- public --------------------------------------------------------------------------------------
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask for it on every page; avoid 404 noise
+
     @app.get("/", response_class=HTMLResponse)
     def home(request: Request, ws: WebSessionDep) -> Response:
         if ws is not None and ws.reader_id is not None:
@@ -212,6 +219,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
             raise HTTPException(404, "This invite link has already been used.")
         response = RedirectResponse("/read", 303)
         _start_session(request, db, response, reader_id=reader.id, is_admin=False)
+        db.commit()
         return response
 
     @app.post("/logout")
@@ -219,6 +227,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
         if ws is not None:
             check_csrf(ws, csrf_token)
             db.delete(ws)
+            db.commit()
         response = RedirectResponse("/", 303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
@@ -234,6 +243,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
             return _render(request, "done.html", total=total, csrf_token=ws.csrf_token)
         if task.shown_at is None:
             task.shown_at = utcnow()
+            db.commit()
         q = QuestionsConfig.model_validate(reader.study.questions)
         return _render(request, "read.html", task=task, questions=q, done=done, total=total,
                        number=done + 1, csrf_token=ws.csrf_token, findings=FINDINGS, confidence_levels=CONFIDENCE_LEVELS,
@@ -287,6 +297,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
             raise HTTPException(403, "Wrong admin token. Use the one printed by `synthcxr study serve` or `study create`.")
         response = RedirectResponse("/admin", 303)
         _start_session(request, db, response, reader_id=None, is_admin=True)
+        db.commit()
         return response
 
     @app.get("/admin", response_class=HTMLResponse)

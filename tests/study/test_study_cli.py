@@ -1,0 +1,56 @@
+"""`synthcxr study ...` end to end through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from synthcxr.cli import main
+
+
+def _run(argv: list[str], capsys) -> str:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr()
+    return capsys.readouterr().out
+
+
+def test_create_status_simulate_export_analyze(tmp_path, sources, capsys, monkeypatch):
+    monkeypatch.delenv("SYNTHCXR_STUDY_SECRET", raising=False)
+    db = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    out = _run(["study", "create", "--name", "cli-study", "--real", str(sources["real"]),
+                "--model", str(sources["model_b"]), "--model", f"a={tmp_path / 'runs' / 'model_a'}",
+                "--per-model", "3", "--real-count", "3", "--readers", "2", "--repeats", "1",
+                "--image-size", "32", "--finding", "--dir", str(tmp_path / "sd"), "--db", db,
+                "--base-url", "http://study.local:9000"], capsys)
+    links = re.findall(r"reader-\d: (http://study\.local:9000/invite/\S+)", out)
+    assert len(links) == 2 and "Admin token" in out
+    assert "9 images (a 3, model_b 3, real 3), 10 per reader" in out
+
+    status = json.loads(_run(["study", "status", "cli-study", "--json", "--db", db], capsys))
+    assert [r["answered"] for r in status[0]["readers"]] == [0, 0]
+    assert "20 simulated answers added" in _run(["study", "simulate", "cli-study", "--db", db], capsys)
+    _run(["study", "export", "cli-study", "--out", str(tmp_path / "r.csv"), "--db", db], capsys)
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 21
+    out = _run(["study", "analyze", "cli-study", "--out", str(tmp_path / "an"), "--n-boot", "100", "--db", db], capsys)
+    assert "realism" in out and (tmp_path / "an" / "realism_by_model.png").is_file()
+    link = _run(["study", "add-reader", "cli-study", "--reader-name", "dr-z", "--db", db], capsys)
+    assert "/invite/" in link
+
+
+def test_unknown_study_is_a_clean_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "export", "nope", "--out", str(tmp_path / "x.csv"), "--db", f"sqlite:///{tmp_path / 'e.db'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no study called 'nope'" in err and "Traceback" not in err
+
+
+def test_bad_settings_are_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SYNTHCXR_STUDY_SECRET", "short")
+    with pytest.raises(SystemExit):
+        main(["study", "status", "--db", f"sqlite:///{tmp_path / 'e.db'}"])
+    assert "at least 32 characters" in capsys.readouterr().err
