@@ -76,8 +76,10 @@ def _reader(base: str, invite: str, answers: int, barrier: threading.Barrier, ou
     out.update(latencies=latencies, cycles=cycles, duplicates=duplicates)
 
 
-def run_load(readers: int = 20, answers: int = 50, workdir: Path | None = None) -> dict[str, Any]:
-    """Create a study with `answers` images, serve it on loopback, run the readers, check the DB."""
+def run_load(readers: int = 20, answers: int = 50, workdir: Path | None = None, db_url: str | None = None) -> dict[str, Any]:
+    """Create a study with `answers` images, serve it on loopback, run the readers, check the DB.
+
+    `db_url`: an empty database to use instead of a new SQLite file (e.g. PostgreSQL)."""
     from sqlalchemy import func, select
 
     from synthcxr.study.db import Answer, Task, session_scope
@@ -90,7 +92,7 @@ def run_load(readers: int = 20, answers: int = 50, workdir: Path | None = None) 
     try:
         n_real = answers // 2
         real, model = _make_images(root / "src", n_real, answers - n_real)
-        db_url = f"sqlite:///{root / 'load.sqlite3'}"
+        db_url = db_url or f"sqlite:///{root / 'load.sqlite3'}"
         created = create_study(db_url, "load", real=real, models=[model], per_model=None, real_count=None,
                                readers=readers, seed=0, image_size=64, study_dir=root / "study",
                                base_url="http://127.0.0.1")
@@ -133,13 +135,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readers", type=int, default=20)
     parser.add_argument("--answers", type=int, default=50, help="answers per reader")
+    parser.add_argument("--db", default=None, help="an empty database URL (default: a new SQLite file)")
     args = parser.parse_args()
     import logging
 
     logging.getLogger("synthcxr").setLevel(logging.WARNING)
-    r = run_load(args.readers, args.answers)
+    r = run_load(args.readers, args.answers, db_url=args.db)
     ok = not r["errors"] and r["stored"] == r["expected"] == r["distinct_tasks"]
-    print(f"{r['readers']} readers x {r['answers_per_reader']} answers on 127.0.0.1 (SQLite, one uvicorn worker)")
+    backend = (args.db or "sqlite").split(":")[0]
+    print(f"{r['readers']} readers x {r['answers_per_reader']} answers on 127.0.0.1 ({backend}, one uvicorn worker)")
     print(f"stored answers: {r['stored']} (expected {r['expected']}, distinct tasks {r['distinct_tasks']}, "
           f"{r['double_submits']} double submits ignored)")
     print(f"throughput: {r['answers_per_s']:.1f} answers/s over {r['wall_s']:.1f} s")

@@ -21,6 +21,9 @@ from PIL import Image as PILImage
 
 from synthcxr.errors import DataError
 from synthcxr.fileio import read_jsonl
+from synthcxr.logging_utils import get_logger
+
+log = get_logger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
 # Montgomery / Shenzhen file names end in _0 (normal) or _1 (tuberculosis).
@@ -66,6 +69,9 @@ def _find_manifest(folder: Path) -> Path | None:
     if (folder / "manifest.jsonl").is_file():
         return folder / "manifest.jsonl"
     found = sorted(folder.rglob("manifest.jsonl"), key=lambda p: (len(p.parts), str(p)))
+    if len(found) > 1:
+        log.warning("%s holds %d generation folders; using %s (pass that folder itself to choose another)",
+                    folder, len(found), found[0].parent)
     return found[0] if found else None
 
 
