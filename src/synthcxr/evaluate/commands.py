@@ -85,8 +85,9 @@ def print_results(results: dict[str, Any], out: Path) -> None:
 
     ext = results.get("extractor") or {}
     table = Table(title=f"synthcxr evaluate ({ext.get('name', 'no features')})")
-    for col in ("metric", "value", "CI", "note"):
-        table.add_column(col)
+    for col in ("metric", "value", "CI"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("note")
     for row in results_rows(results):
         table.add_row(*row)
     console = Console()

@@ -37,12 +37,12 @@ def msssim_setting(size: int) -> dict[str, Any]:
 def msssim_pairs(a: np.ndarray, b: np.ndarray, setting: dict[str, Any], batch_size: int = 64) -> np.ndarray:
     """MS-SSIM of a[i] vs b[i] for stacks of N x H x W float images in [0, 1]."""
     import torch
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+    from torchmetrics.functional.image.ssim import multiscale_structural_similarity_index_measure as ms_ssim
 
     out = []
     for start in range(0, len(a), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(a[start:start + batch_size]))[:, None].double()
-        y = torch.from_numpy(np.ascontiguousarray(b[start:start + batch_size]))[:, None].double()
+        x = torch.from_numpy(np.ascontiguousarray(a[start:start + batch_size]))[:, None].float()
+        y = torch.from_numpy(np.ascontiguousarray(b[start:start + batch_size]))[:, None].float()
         vals = ms_ssim(x, y, data_range=1.0, kernel_size=setting["kernel_size"], sigma=setting["sigma"],
                        betas=tuple(setting["betas"]), reduction="none", normalize="relu")
         out.append(vals.reshape(-1).numpy())

@@ -38,10 +38,10 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray, center: np.ndarray | None = None
 def ssim_many(x: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """SSIM of one H x W image (H, W >= 16) against K x H x W candidates (torchmetrics, 11 px Gaussian window)."""
     import torch
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+    from torchmetrics.functional.image.ssim import structural_similarity_index_measure as ssim
 
-    xs = torch.from_numpy(np.repeat(x[None, None], len(candidates), axis=0)).double()
-    ys = torch.from_numpy(np.ascontiguousarray(candidates[:, None])).double()
+    xs = torch.from_numpy(np.repeat(x[None, None], len(candidates), axis=0)).float()
+    ys = torch.from_numpy(np.ascontiguousarray(candidates[:, None])).float()
     return ssim(xs, ys, data_range=1.0, kernel_size=11, reduction="none").reshape(-1).numpy()
 
 

@@ -1,0 +1,74 @@
+"""MS-SSIM diversity and the memorization (near-copy) check."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthcxr.errors import EvaluationError
+from synthcxr.evaluate.diversity import msssim_setting, random_pairs, within_set_msssim
+from synthcxr.evaluate.features import ExtractorConfig, build_extractor, extract_features
+from synthcxr.evaluate.images import load_gray_stack
+from synthcxr.evaluate.memorization import memorization_check
+
+from .conftest import make_images
+
+
+def test_msssim_setting_is_standard_at_256_and_shrinks_for_small_images():
+    assert msssim_setting(256) == {"scales": 5, "kernel_size": 11, "sigma": 1.5,
+                                   "betas": pytest.approx([0.0448, 0.2856, 0.3001, 0.2363, 0.1333], rel=1e-3)}
+    small = msssim_setting(64)
+    assert small["kernel_size"] == 11 and small["scales"] == 3
+    assert sum(small["betas"]) == pytest.approx(1.0)
+    assert 64 // 2 ** (small["scales"] - 1) >= small["kernel_size"]
+    with pytest.raises(EvaluationError):
+        msssim_setting(2)
+
+
+def test_random_pairs_are_distinct_seeded_and_capped():
+    pairs = random_pairs(50, 100, seed=3)
+    assert len(pairs) == 100 and (pairs[:, 0] < pairs[:, 1]).all()
+    assert len({tuple(p) for p in pairs}) == 100
+    np.testing.assert_array_equal(pairs, random_pairs(50, 100, seed=3))
+    assert len(random_pairs(5, 100, seed=0)) == 10  # all pairs when there are fewer
+
+
+def test_mode_collapse_shows_as_higher_msssim(tmp_path):
+    varied = load_gray_stack(sorted(make_images(tmp_path / "real", 10, seed=1).glob("*.png")), 64)
+    collapsed = np.stack([varied[0] + np.random.default_rng(i).normal(0, 0.01, varied[0].shape).astype(np.float32)
+                          for i in range(10)]).clip(0, 1)
+    real = within_set_msssim(varied, n_pairs=20, seed=0, n_boot=50)
+    fake = within_set_msssim(collapsed, n_pairs=20, seed=0, n_boot=50)
+    assert fake["mean"] > real["ci"][1]
+    assert fake["mean"] > 0.9 and real["scales"] == 3 and real["n_pairs"] == 20
+    with pytest.raises(EvaluationError, match="at least 2"):
+        within_set_msssim(varied[:1])
+
+
+def test_memorization_finds_a_planted_copy(tmp_path):
+    train = make_images(tmp_path / "train", 12, seed=1)
+    fake = make_images(tmp_path / "fake", 8, seed=2, shift=5)
+    planted = sorted(train.glob("*.png"))[5]
+    # a re-encoded copy with slight noise, as a memorizing generator would produce
+    arr = np.asarray(Image.open(planted), dtype=np.float32) + np.random.default_rng(0).normal(0, 2, (64, 64))
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(fake / "zz_copy.png")
+    shutil.copy(planted, fake / "zz_exact.png")
+
+    ext = build_extractor(ExtractorConfig(name="random", device="cpu"))
+    fake_paths, train_paths = sorted(fake.glob("*.png")), sorted(train.glob("*.png"))
+    res = memorization_check(extract_features(fake_paths, ext).features, extract_features(train_paths, ext).features,
+                             fake_paths, train_paths, ssim_size=64, ssim_candidates=5, top_pairs=3,
+                             pairs_dir=tmp_path / "pairs")
+    top_names = {p["synthetic"].rsplit("/", 1)[-1] for p in res["top_pairs"][:2]}
+    assert top_names == {"zz_copy.png", "zz_exact.png"}
+    for pair in res["top_pairs"][:2]:
+        assert pair["nearest_by_ssim"] == str(planted) and pair["nearest_by_feature"] == str(planted)
+        assert pair["flagged"] and pair["ssim"] > 0.95
+    assert res["top_pairs"][0]["ssim"] == pytest.approx(1.0)
+    assert {p["synthetic"] for p in res["flagged"]} == {str(fake / "zz_copy.png"), str(fake / "zz_exact.png")}
+    saved = sorted((tmp_path / "pairs").glob("pair_*.png"))
+    assert len(saved) == 3 and Image.open(saved[0]).size == (256 * 2 + 8, 256)
+    assert res["ssim"]["max"] == pytest.approx(1.0) and len(res["ssim"]["histogram"]["counts"]) == 10
