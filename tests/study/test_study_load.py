@@ -32,3 +32,41 @@ def test_small_concurrent_load(tmp_path):
 @pytest.mark.slow
 def test_full_load_20_readers_x_50_answers(tmp_path):
     _check(_load_module().run_load(readers=20, answers=50, workdir=tmp_path), 20, 50)
+
+
+def test_simultaneous_submits_of_one_task_store_one_answer(study):
+    """Two tabs / a double click racing on a live server: the unique constraint keeps one answer."""
+    import threading
+
+    import httpx
+    from sqlalchemy import func, select
+    from study_helpers import FULL_ANSWER, csrf_of, task_of
+
+    from synthcxr.study.db import Answer, session_scope
+    from synthcxr.study.server import background_server
+    from synthcxr.study.settings import StudySettings
+
+    with background_server(StudySettings(db=study.db_url, dir=study.root / "studydir")) as base:
+        link = study.invites["reader-1"].replace("http://testserver", "")
+        with httpx.Client(base_url=base) as first:
+            page = first.get(link)
+            first.post(link, data={"csrf_token": csrf_of(page.text)})
+            page = first.get("/read").text
+            cookies = dict(first.cookies)
+        data = {**FULL_ANSWER, "csrf_token": csrf_of(page)}
+        barrier = threading.Barrier(8)
+        statuses: list[int] = []
+
+        def tab(realism: int) -> None:
+            with httpx.Client(base_url=base, cookies=cookies, follow_redirects=False) as client:
+                barrier.wait(timeout=30)
+                statuses.append(client.post(f"/read/answer/{task_of(page)}", data={**data, "realism": str(realism)}).status_code)
+
+        threads = [threading.Thread(target=tab, args=(1 + n % 5,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert statuses == [303] * 8
+    with session_scope(study.db_url) as s:
+        assert s.scalar(select(func.count()).select_from(Answer)) == 1

@@ -130,3 +130,21 @@ def test_tasks_have_unique_positions_and_answers_unique_tasks(study):
         for reader in s.scalars(select(Reader)):
             positions = [t.position for t in s.scalars(select(Task).where(Task.reader_id == reader.id))]
             assert sorted(positions) == list(range(len(positions)))
+
+
+def test_database_refuses_a_second_answer_for_a_task(study):
+    from sqlalchemy.exc import IntegrityError
+
+    from synthcxr.study.db import Answer
+    from synthcxr.study.questions import AnswerInput
+    from synthcxr.study.service import record_answer
+
+    with session_scope(study.db_url) as s:
+        task = s.scalar(select(Task).order_by(Task.id))
+        answer = AnswerInput(3, True, 2, None, None, 100)
+        assert record_answer(s, task, answer) is True
+        assert record_answer(s, task, answer) is False
+        s.add(Answer(task_id=task.id, realism=1))  # bypassing the service: the constraint still holds
+        with pytest.raises(IntegrityError):
+            s.flush()
+        s.rollback()
