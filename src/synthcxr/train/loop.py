@@ -659,7 +659,8 @@ def fit(session: Session) -> None:
     loader = DataLoader(
         ImageLoader(s.plan, s.train_sources, s.class_sources, acc.process_index, cfg.data.resolution, cfg.data.resize,
                     s.start_step, s.total, load_pixels=s.latent_cache is None),
-        batch_size=None, shuffle=False, num_workers=t.num_workers)
+        batch_size=None, shuffle=False, num_workers=t.num_workers,
+        generator=torch.Generator().manual_seed(t.seed))  # its own generator: the global RNG (dropout) stays as restored
     batches = iter(loader)
     params = list(s.trainable.values())
     trained_modules = [s.unet] + ([s.text_encoder] if cfg.method.train_text_encoder else [])

@@ -59,8 +59,11 @@ def _unet_lora(unet: Any, cfg: MethodSection) -> None:
 
 
 def _text_lora(text_encoder: Any, cfg: MethodSection) -> None:
+    # peft's own injection: transformers' `add_adapter` wants a newer peft than diffusers needs
+    from peft import inject_adapter_in_model
+
     text_encoder.requires_grad_(False)
-    text_encoder.add_adapter(_lora_config(cfg, cfg.text_encoder_target_modules))
+    inject_adapter_in_model(_lora_config(cfg, cfg.text_encoder_target_modules), text_encoder)
 
 
 # --------------------------------------------------------------------------- 3. export
