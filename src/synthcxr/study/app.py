@@ -350,6 +350,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
 
     @app.exception_handler(StudyError)
     async def study_error(request: Request, exc: StudyError) -> Response:
-        return _render(request, "message.html", status_code=404, title="Not found", message=exc.message)
+        status = 404 if "no study called" in exc.message or "has no reader" in exc.message else 400
+        return _render(request, "message.html", status_code=status, title="Cannot do that", message=exc.message)
 
     return app
