@@ -11,6 +11,7 @@ from synthcxr.study.analysis import (
     analyze,
     auc,
     bootstrap_ci,
+    cluster_bootstrap_ci,
     fleiss_kappa,
     holm,
     krippendorff_alpha,
@@ -92,6 +93,15 @@ def test_bootstrap_ci_is_seeded_and_sensible():
     assert bootstrap_ci([4, 4, 4], n_boot=100) == (4.0, 4.0)
 
 
+def test_cluster_bootstrap_keeps_an_images_ratings_together():
+    # two images, each rated identically by every reader: resampling images can only give
+    # means of 1, 3 or 5 (never the 2 or 4 a rating-level bootstrap could produce)
+    values, clusters = [1, 1, 1, 5, 5, 5], ["a", "a", "a", "b", "b", "b"]
+    lo, hi = cluster_bootstrap_ci(values, clusters, n_boot=400, seed=0)
+    assert (lo, hi) == (1.0, 5.0)
+    assert cluster_bootstrap_ci([2, 4], ["x", "x"], n_boot=50) == (3.0, 3.0)
+
+
 def test_study_analysis_on_fixed_table():
     result = analyze(_rows(), n_boot=500)
     assert result["n_answers"] == 14 and result["n_first_showings"] == 12
@@ -103,6 +113,8 @@ def test_study_analysis_on_fixed_table():
     assert groups["B"]["realism_mean"] == pytest.approx(1.5)
     assert groups["real"]["n_ratings"] == 4 and groups["real"]["n_images"] == 2
     # judged real: 3/4, 1/4, 0/4 with Wilson intervals
+    lo, hi = groups["real"]["realism_ci"]
+    assert 4.0 <= lo <= 4.25 <= hi <= 4.5  # two images with means 4.5 and 4.0
     assert groups["real"]["judged_real_fraction"] == pytest.approx(0.75)
     assert groups["real"]["judged_real_ci"] == pytest.approx([0.3006, 0.9544], abs=1e-4)
     assert groups["A"]["judged_real_fraction"] == pytest.approx(0.25)

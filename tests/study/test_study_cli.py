@@ -54,3 +54,17 @@ def test_bad_settings_are_reported(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["study", "status", "--db", f"sqlite:///{tmp_path / 'e.db'}"])
     assert "at least 32 characters" in capsys.readouterr().err
+
+
+def test_database_comes_from_the_environment(tmp_path, sources, capsys, monkeypatch):
+    monkeypatch.setenv("SYNTHCXR_STUDY_DB", f"sqlite:///{tmp_path / 'env.sqlite3'}")
+    monkeypatch.setenv("SYNTHCXR_STUDY_DIR", str(tmp_path / "envdir"))
+    monkeypatch.setenv("SYNTHCXR_STUDY_SECRET", "s" * 40)
+    _run(["study", "create", "--name", "env-study", "--model", str(sources["model_b"]), "--per-model", "2",
+          "--readers", "1", "--image-size", "32"], capsys)
+    assert (tmp_path / "env.sqlite3").is_file() and any((tmp_path / "envdir" / "images" / "env-study").iterdir())
+    assert "env-study: 2 images" in _run(["study", "status"], capsys)
+    monkeypatch.setenv("SYNTHCXR_STUDY_DB", "mysql://x@y/z")
+    with pytest.raises(SystemExit):
+        main(["study", "status"])
+    assert "unsupported database" in capsys.readouterr().err

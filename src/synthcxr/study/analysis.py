@@ -49,6 +49,27 @@ def bootstrap_ci(values: Sequence[float], stat: Callable[[np.ndarray], float] = 
     return (float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)))
 
 
+def cluster_bootstrap_ci(values: Sequence[float], clusters: Sequence[Any], n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap of the mean that resamples whole clusters (images).
+
+    Several readers rate the same image, so ratings are not independent; resampling images keeps
+    each image's ratings together and gives honest (wider) intervals than resampling ratings.
+    """
+    vals = np.asarray(values, dtype=float)
+    if vals.size == 0:
+        return (math.nan, math.nan)
+    keys = {c: i for i, c in enumerate(dict.fromkeys(clusters))}
+    idx = np.array([keys[c] for c in clusters])
+    sums = np.bincount(idx, weights=vals, minlength=len(keys))
+    counts = np.bincount(idx, minlength=len(keys)).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(keys), size=(n_boot, len(keys)))
+    stats = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    alpha = (1 - level) / 2
+    return (float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)))
+
+
 def auc(positive_scores: Sequence[float], negative_scores: Sequence[float]) -> float:
     """P(score of a positive > score of a negative), ties counted half (the Mann-Whitney AUC)."""
     pos = np.asarray(positive_scores, dtype=float)
@@ -161,12 +182,14 @@ def _nan_to_none(obj: Any) -> Any:
 
 
 def group_stats(rows: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000) -> list[dict[str, Any]]:
-    """Per model and real controls: realism mean + bootstrap CI, fraction judged real + Wilson CI,
+    """Per model and real controls: realism mean + image-cluster bootstrap CI, fraction judged real +
+    Wilson CI (per rating),
     agreement of the reader's finding with the intended label."""
     out = []
     for group in _order_groups({r["model"] for r in rows}):
         g = [r for r in rows if r["model"] == group]
-        realism = [r["realism"] for r in g if r.get("realism") is not None]
+        rated = [r for r in g if r.get("realism") is not None]
+        realism = [r["realism"] for r in rated]
         choices = [bool(r["judged_real"]) for r in g if r.get("judged_real") is not None]
         labelled = [r for r in g if r.get("finding") and r.get("intended_label")]
         decided = [r for r in labelled if r["finding"] != "unsure"]
@@ -178,7 +201,7 @@ def group_stats(rows: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000) -
             "n_ratings": len(g),
             "realism_mean": float(np.mean(realism)) if realism else math.nan,
             "realism_sd": float(np.std(realism, ddof=1)) if len(realism) > 1 else math.nan,
-            "realism_ci": bootstrap_ci(realism, n_boot=n_boot, seed=seed),
+            "realism_ci": cluster_bootstrap_ci(realism, [r["image_id"] for r in rated], n_boot=n_boot, seed=seed),
             "judged_real_fraction": sum(choices) / len(choices) if choices else math.nan,
             "judged_real_ci": wilson_ci(sum(choices), len(choices)),
             "n_choices": len(choices),
@@ -313,7 +336,7 @@ def analyze(all_rows: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000) -
         "intra_reader": intra_reader(all_rows),
         "pairwise": pairwise(rows),
         "reader_by_group": reader_by_group(rows),
-        "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "rating"},
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "resampled_unit": "image", "level": 0.95},
     })
 
 
