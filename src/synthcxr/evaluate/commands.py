@@ -39,7 +39,7 @@ def evaluate(
 
 
 def _ci(entry: dict[str, Any], key: str = "value", digits: int = 4) -> tuple[str, str]:
-    lo, hi = entry.get("ci", [None, None])
+    lo, hi = entry.get("ci") or [None, None]
     ci = f"[{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else ""
     return f"{entry[key]:.{digits}f}", ci
 

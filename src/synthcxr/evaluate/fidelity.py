@@ -214,13 +214,13 @@ def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, fid_method: str = "s
         warnings.append(f"fewer images than feature dimensions ({min(n_r, n_f)} <= {d}): covariances are rank-deficient")
 
     value = fid(real, fake, fid_method)
-    fid_ci = bootstrap(lambda ir, jf: fid(real[ir], fake[jf], "svd"), n_r, n_f, n_boot, seed, level)["value"]
+    fid_ci = bootstrap(lambda ir, jf: fid(real[ir], fake[jf], "svd"), n_r, n_f, n_boot, seed, level).get("value")
 
     kernels = KernelMatrices(real, fake)
     kid_res = kid(real, fake, kid_subsets, kid_subset_size, seed, kernels=kernels)
     if kid_res["subset_size_capped"]:
         warnings.append(f"KID subset size capped at {kid_res['subset_size']} (the smaller set)")
-    kid_ci = bootstrap(kernels.mmd2, n_r, n_f, n_boot, seed + 1, level)["value"]
+    kid_ci = bootstrap(kernels.mmd2, n_r, n_f, n_boot, seed + 1, level).get("value")
 
     parts = PRDCParts(real, fake, k)
     prdc_vals = parts.values()
@@ -232,10 +232,15 @@ def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, fid_method: str = "s
         "feature_dim": d,
         "ci_level": level,
         "bootstrap": n_boot,
-        "fid": {"value": value, "ci": list(fid_ci), "method": fid_method},
-        "kid": {**kid_res, "ci": list(kid_ci)},
+        "fid": {"value": value, "ci": _as_list(fid_ci), "method": fid_method},
+        "kid": {**kid_res, "ci": _as_list(kid_ci)},
         "prdc_k": k,
     }
     for key, val in prdc_vals.items():
-        results[key] = {"value": val, "ci": list(prdc_ci[key])}
+        results[key] = {"value": val, "ci": _as_list(prdc_ci.get(key))}
     return results, warnings
+
+
+def _as_list(ci: tuple[float, float] | None) -> list[float] | None:
+    """CIs as JSON lists; None when no bootstrap was asked for."""
+    return list(ci) if ci is not None else None
