@@ -261,7 +261,8 @@ class Session:
                 self.ema.copy_to(params)
             try:
                 row["val_loss"] = self.validation_loss()
-                row["samples"] = str(self.sample_images(step).relative_to(self.run.root))
+                if self.cfg.train.validation_seeds:
+                    row["samples"] = str(self.sample_images(step).relative_to(self.run.root))
             finally:
                 if self.ema is not None:
                     self.ema.restore(params)
@@ -272,7 +273,7 @@ class Session:
                 self.tb.add_scalar("val/loss", row["val_loss"], step)
             log.info("step %d: validation loss %s, samples in %s", step,
                      f"{row['val_loss']:.5f}" if row["val_loss"] is not None else "n/a (no held-out images)",
-                     row["samples"])
+                     row.get("samples", "none (no validation seeds)"))
         self.accelerator.wait_for_everyone()
         return row
 
@@ -377,6 +378,11 @@ def _accelerator(cfg: TrainConfig):
     if not on_gpu and mp == "fp16" and not cfg.train.allow_cpu_fp16:
         raise ConfigError("train.mixed_precision=fp16 on a CPU is slow and poorly supported",
                           fix="use bf16 or no on a CPU, or set train.allow_cpu_fp16=true to insist")
+    # accelerate keeps one global state per process; several runs in one process (tests, a grid)
+    # may use different precisions, so forget the previous run's (the distributed setup is kept)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mp, cpu=not on_gpu)
 
 
