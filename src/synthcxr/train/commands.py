@@ -1,6 +1,7 @@
 """`synthcxr train CONFIG [--set k=v]... [--out DIR] [--resume]`.
 
-Multi-GPU: `accelerate launch -m synthcxr train CONFIG` (accelerate's own config picks DDP etc.).
+Several GPUs: `accelerate launch -m synthcxr train CONFIG` (accelerate's own config picks DDP etc.);
+several CPU processes: `python -m torch.distributed.run --nproc_per_node 2 -m synthcxr train CONFIG`.
 """
 
 from __future__ import annotations

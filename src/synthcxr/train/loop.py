@@ -471,6 +471,10 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         log.info("run %s already finished (DONE exists); nothing to do", root)
         return None
     accelerator = _accelerator(cfg)
+    if not accelerator.is_main_process:  # one copy of every message, from the main process
+        import logging
+
+        logging.getLogger("synthcxr").setLevel(logging.WARNING)
     run = RunDir(root)
     if accelerator.is_main_process:
         run = RunDir.create(root)
