@@ -58,6 +58,16 @@ def _best(rows: list[dict[str, Any]], column: str) -> str | None:
     return (min if way == "low" else max)(scored, key=lambda x: x[1])[0]
 
 
+def _ci_overlap(rows: list[dict[str, Any]], column: str, best_run: str) -> bool:
+    """True when the best run's CI overlaps another run's: the ranking is not clear-cut."""
+    metrics = {r["run"]: r[column] for r in rows if isinstance(r.get(column), Metric)}
+    best = metrics.get(best_run)
+    if best is None or best.low is None or best.high is None:
+        return False
+    return any(m.low is not None and m.high is not None and m.low <= best.high and best.low <= m.high
+               for name, m in metrics.items() if name != best_run)
+
+
 def _sample_rows(data: ReportData, max_rows: int, thumb: int) -> tuple[list[SampleRow], bool]:
     """Rows keyed by (prompt, seed), one column per run, so each row compares like with like."""
     keys: list[tuple[str, Any]] = []
@@ -95,13 +105,30 @@ def _config_table(data: ReportData) -> tuple[list[str], list[dict[str, Any]]]:
     rows = []
     for run in data.runs:
         values = {**run.overrides, **run.axes}
+        shown = []
+        for k in keys:
+            if run.baseline:
+                shown.append("baseline" if k in AXIS_ALIASES else "–")
+            elif k in values:
+                shown.append(values[k])
+            else:  # not changed by the grid: the value the run actually used
+                shown.append(_lookup(run.config, AXIS_ALIASES.get(k, k)))
         rows.append({
             "run": run.name,
             "status": run.status or "–",
-            "values": [("baseline" if run.baseline and not values.get(k) else values.get(k, "–")) for k in keys],
+            "values": shown,
             "config_yaml": yaml.safe_dump(run.config, sort_keys=False) if run.config else None,
         })
     return keys, rows
+
+
+def _lookup(config: dict[str, Any] | None, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "–"
+        node = node[part]
+    return node
 
 
 def _memorization(data: ReportData, thumb: int) -> list[dict[str, Any]]:
@@ -140,17 +167,21 @@ def _study_section(data: ReportData) -> dict[str, Any] | None:
                 names.append(m.name)
     rows = [{"run": name, "values": [next((m.format() for m in ms if m.name == n), "–") for n in names]}
             for name, ms in [*per_run.items(), *([("real (controls)", real)] if real else [])]]
+    study_pngs: list[Path] = []
+    if data.study_dir is not None:  # the study's own plots (not the blinded images it stores)
+        study_pngs = sorted([*data.study_dir.glob("*.png"), *(data.study_dir / "analysis").glob("*.png")])[:6]
     figures = []
     for n in names:
+        if "realism" in n and study_pngs:
+            continue  # the study's own realism plot is shown below
         vals = {run: next((m for m in ms if m.name == n), None) for run, ms in [*per_run.items(), ("real", real)]}
         uri = plots.metric_plot(n.removeprefix("study."), {k: v for k, v in vals.items() if v is not None})
         if uri and any(t in n for t in ("realism", "judged", "real_fraction", "fraction")):
             figures.append((n.removeprefix("study."), uri))
-    if data.study_dir is not None:
-        for png in sorted(data.study_dir.rglob("*.png"))[:8]:
-            uri = plots.image_uri(png, 900)
-            if uri:
-                figures.append((png.stem.replace("_", " "), uri))
+    for png in study_pngs:
+        uri = plots.image_uri(png, 900)
+        if uri:
+            figures.append((png.stem.replace("_", " "), uri))
     error = None
     if data.study_dir is not None and (data.study_dir / "error.txt").is_file():
         error = (data.study_dir / "error.txt").read_text(errors="replace").strip()
@@ -166,7 +197,7 @@ def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -
     best = {c: _best(rows, c) for c in [*kinds["eval"], *kinds["study"], "val_loss"]}
     table = [{"cells": [(cell(r.get(c)), c in best and best[c] == r["run"] and best[c] is not None) for c in columns],
               "run": r["run"]} for r in rows]
-    highlights = [(c, best[c], cell(next(r[c] for r in rows if r["run"] == best[c])), direction(c))
+    highlights = [(c, best[c], cell(next(r[c] for r in rows if r["run"] == best[c])), direction(c), _ci_overlap(rows, c, best[c]))
                   for c in kinds["eval"] + kinds["study"] if best.get(c)]
 
     loss = plots.curves_plot({r.name: r.loss_curve() for r in data.runs}, title="Training loss (smoothed)",
