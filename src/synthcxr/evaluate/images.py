@@ -20,7 +20,7 @@ from synthcxr.logging_utils import get_logger
 
 log = get_logger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 LABELS = ("normal", "tuberculosis")
 #: The one resize used for every feature extractor and pixel metric: PIL bicubic is antialiased
 #: on downsampling (its filter support scales with the reduction), unlike torch's default bilinear.
@@ -145,9 +145,9 @@ def read_image_set(path: str | Path, role: str) -> ImageSet:
         )
     if not image_set.items:
         raise DataError(
-            f"no PNG/JPEG images found for {role}",
+            f"no PNG/JPEG/DICOM images found for {role}",
             file=root,
-            fix=f"point --{role} at a folder with .png/.jpg images (searched recursively), a generation folder with manifest.jsonl, or a Montgomery/Shenzhen data set",
+            fix=f"point --{role} at a folder with .png/.jpg/.dcm images (searched recursively), a generation folder with manifest.jsonl, or a Montgomery/Shenzhen data set",
         )
     return image_set
 
@@ -155,25 +155,33 @@ def read_image_set(path: str | Path, role: str) -> ImageSet:
 def decode_image(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
     """Bytes -> H x W x 3 uint8 RGB.
 
-    16-bit and float grayscale (common for X-rays) are scaled to 0..255 before the conversion that
-    PIL would otherwise clip; everything else goes through PIL's `convert("RGB")` exactly as clean-fid
-    does, so 8-bit files give identical pixels in both.
+    8-bit files go through PIL's `convert("RGB")` exactly as clean-fid does, so both give identical
+    pixels. High-bit-depth grayscale (16-bit PNG, 12-bit data in 16-bit containers, float TIFF) and
+    DICOM are scaled to 0..255 by the data layer's rules (`synthcxr.data`) instead of being clipped.
     """
     try:
+        if data[128:132] == b"DICM":
+            import pydicom
+
+            from synthcxr.data.dicom import dicom_to_float
+
+            gray = dicom_to_float(Path(source), ds=pydicom.dcmread(io.BytesIO(data)))
+            return _gray_to_rgb(gray)
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                if img.mode.startswith("I;16"):
-                    arr = arr / 65535.0 * 255.0
-                else:
-                    lo, hi = float(arr.min()), float(arr.max())
-                    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-                gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-                return np.repeat(gray[:, :, None], 3, axis=2)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                from synthcxr.data.preprocess import to_grayscale
+
+                return _gray_to_rgb(np.asarray(to_grayscale(img), dtype=np.float32))
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, AttributeError, KeyError) as exc:
         raise DataError(f"cannot read image: {exc}", file=source, fix="re-export the file as PNG/JPEG or remove it") from exc
+
+
+def _gray_to_rgb(gray01: np.ndarray) -> np.ndarray:
+    """Float grayscale in [0, 1] -> H x W x 3 uint8."""
+    gray = np.clip(np.rint(np.nan_to_num(gray01) * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -125,6 +125,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         cache = FeatureCache(cache_dir / "features.sqlite") if cfg.cache else None
         try:
             for role in roles:
+                if role == "train" and cfg.train is None and "real" in feats:  # the same images
+                    feats["train"], feature_counts["train"] = feats["real"], feature_counts["real"]
+                    continue
                 image_set = train_set if role == "train" else sets[role]
                 res = extract_features(image_set.paths, extractor, cache, batch_size=cfg.extractor.batch_size,
                                        on_error=cfg.on_error, description=f"{role} features")
