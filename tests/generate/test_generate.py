@@ -268,3 +268,18 @@ def test_cli_generate_dicom_with_config_and_set(tiny_model_dir, tmp_path, capsys
         main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--scheduler", "eulr", "--out", str(out)])
     assert exit_info.value.code == 2
     assert "did you mean 'euler'" in capsys.readouterr().err
+
+
+def test_speed_options_keep_the_images(tiny_model_dir, tiny_pipe, tmp_path):
+    """Fused QKV, channels-last and chunked VAE decoding (on by default on CUDA) change speed, not images."""
+    from synthcxr.models.load import load_pipeline
+
+    plain = generate_images(cfg_for(tiny_model_dir, tmp_path / "plain", n=2), pipe=tiny_pipe)
+    fast_pipe = load_pipeline(tiny_model_dir)
+    fast = generate_images(cfg_for(tiny_model_dir, tmp_path / "fast", n=2, fuse_qkv=True, channels_last=True,
+                                   decode_batch_size=1, compile=False), pipe=fast_pipe)
+    assert fast_pipe._synthcxr_speed == {"fuse_qkv", "channels_last"}
+    assert "Fused" in type(next(iter(fast_pipe.unet.attn_processors.values()))).__name__
+    for name in files(plain):
+        x, y = pixels(plain / name).astype(int), pixels(fast / name).astype(int)
+        assert np.abs(x - y).max() <= 2 and (x != y).mean() < 0.02

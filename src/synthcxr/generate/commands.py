@@ -30,6 +30,7 @@ def generate(
     single_file_config: Annotated[Path | None, typer.Option(help="Local diffusers folder giving a single-file checkpoint's architecture.")] = None,
     prediction_type: Annotated[str | None, typer.Option(help="Override: epsilon or v_prediction (SD 2.x 768).")] = None,
     channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="Channels-last memory layout (default: on for CUDA).")] = None,
+    fuse_qkv: Annotated[bool | None, typer.Option("--fuse-qkv/--no-fuse-qkv", help="Fused attention q/k/v projections (default: on for CUDA).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet (default: on for CUDA).")] = None,
     decode_batch_size: Annotated[int | None, typer.Option(help="Latents per VAE decode call.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with any of these settings.")] = None,
@@ -46,7 +47,7 @@ def generate(
         "seed": seed, "batch_size": batch_size, "steps": steps, "guidance": guidance, "scheduler": scheduler,
         "resolution": resolution, "dtype": dtype, "device": device, "format": format, "out": out,
         "single_file_config": single_file_config, "prediction_type": prediction_type,
-        "channels_last": channels_last, "compile": compile, "decode_batch_size": decode_batch_size,
+        "channels_last": channels_last, "fuse_qkv": fuse_qkv, "compile": compile, "decode_batch_size": decode_batch_size,
     }
     data.update({k: v for k, v in explicit.items() if v is not None})
     if "model" not in data:

@@ -67,6 +67,8 @@ class GenerateConfig(StrictModel):
     """Override the model's prediction type (SD 2.x 768 models use v_prediction)."""
     channels_last: bool | None = None
     """Channels-last UNet/VAE memory layout; default: on for CUDA."""
+    fuse_qkv: bool | None = None
+    """Fuse the attention q/k/v projections into one matmul; default: on for CUDA."""
     compile: bool | None = None
     """torch.compile the UNet (slow first batch, faster after); default: on for CUDA."""
     decode_batch_size: int | None = Field(None, ge=1)
@@ -175,11 +177,7 @@ def generate_images(
         return out
 
     # 4. speed options: on by default on CUDA only (they cost time or do nothing on a CPU)
-    if cfg.channels_last if cfg.channels_last is not None else on_gpu:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    if cfg.compile if cfg.compile is not None else on_gpu:
-        pipe.unet.compile()
+    _apply_speed_options(pipe, cfg, on_gpu)
     decode_batch = cfg.decode_batch_size or (min(cfg.batch_size, 8) if on_gpu else cfg.batch_size)
     do_cfg = cfg.guidance > 1
     embeds: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -226,6 +224,28 @@ def generate_images(
             progress.advance(task, len(todo))  # once per batch, so the rate (and ETA) is per batch time
     log.info("%d images in %s (manifest %s)", len(jobs), out, out / MANIFEST)
     return out
+
+
+def _apply_speed_options(pipe: Any, cfg: GenerateConfig, on_gpu: bool) -> None:
+    """Fused QKV projections, channels-last layout, compiled UNet; each applied once per pipeline."""
+    import torch
+
+    done: set[str] = getattr(pipe, "_synthcxr_speed", set())
+    pipe._synthcxr_speed = done
+    wanted = {name for name, value in (("fuse_qkv", cfg.fuse_qkv), ("channels_last", cfg.channels_last),
+                                        ("compile", cfg.compile)) if (on_gpu if value is None else value)}
+    if "fuse_qkv" in wanted - done:
+        try:
+            pipe.fuse_qkv_projections()
+        except (AttributeError, ValueError) as exc:  # attention processors that cannot be fused
+            log.warning("fused QKV projections not available for this model: %s", exc)
+    if "channels_last" in wanted - done:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if "compile" in wanted - done:
+        log.info("compiling the UNet (the first batch is slow, the next ones faster)")
+        pipe.unet.compile()
+    done |= wanted
 
 
 def _aligned_batches(jobs: list[Any], pending: list[Any], batch_size: int) -> list[tuple[list[Any], set[int]]]:
