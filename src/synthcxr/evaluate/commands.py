@@ -91,6 +91,8 @@ def print_results(results: dict[str, Any], out: Path) -> None:
     for row in results_rows(results):
         table.add_row(*row)
     console = Console()
+    if not console.is_terminal:  # files and pipes: wide enough that notes do not wrap letter by letter
+        console = Console(width=140)
     console.print(table)
     for w in results.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)

@@ -127,7 +127,7 @@ def _read_native(root: Path) -> ImageSet:
 
 def read_image_set(path: str | Path, role: str) -> ImageSet:
     """Find the images of one role; raise a clear error when there are none."""
-    root = Path(path).expanduser()
+    root = Path(path).expanduser().resolve()
     if not root.exists():
         raise DataError(f"{role} image folder does not exist", file=root, fix=f"check the --{role} path")
     if root.is_file():

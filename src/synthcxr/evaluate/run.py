@@ -126,7 +126,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         try:
             for role in roles:
                 if role == "train" and cfg.train is None and "real" in feats:  # the same images
-                    feats["train"], feature_counts["train"] = feats["real"], feature_counts["real"]
+                    feats["train"] = feats["real"]
                     continue
                 image_set = train_set if role == "train" else sets[role]
                 res = extract_features(image_set.paths, extractor, cache, batch_size=cfg.extractor.batch_size,
