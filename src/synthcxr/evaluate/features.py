@@ -22,6 +22,7 @@ import importlib.util
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from pydantic import field_validator
 from synthcxr.config import StrictModel
 from synthcxr.errors import ConfigError, DataError, ModelError, Problem, ProblemsError
 from synthcxr.evaluate.images import RESIZE_METHOD, decode_image, resize_rgb
+from synthcxr.fileio import sha256_file
 from synthcxr.logging_utils import get_logger, progress_bar
 
 log = get_logger(__name__)
@@ -60,6 +62,8 @@ class ExtractorConfig(StrictModel):
     """Input size override (default: 299 inception, 224 xrv/torchvision/timm, 64 random)."""
 
     batch_size: int = 32
+    num_workers: int | None = None
+    """Threads decoding and resizing images (default: up to 4)."""
     device: str = "auto"
     """`auto` (CUDA, then MPS, then CPU), `cpu`, `cuda`, `cuda:1`, ..."""
 
@@ -418,24 +422,21 @@ def extract_features(
     batch_size: int = 32,
     on_error: str = "fail",
     description: str = "features",
+    num_workers: int | None = None,
 ) -> FeatureResult:
     """Features for each image: cached ones are looked up, the rest computed in batches and stored.
 
     Unreadable files are collected and reported together (on_error=fail) or left out (skip).
     """
-    # 1. hash every file (cheap next to a forward pass) and look them up
+    # 1. hash every file (streamed; cheap next to a forward pass) and look them up
     problems: list[Problem] = []
     hashes: list[str | None] = []
-    blobs: dict[int, bytes] = {}
-    for i, path in enumerate(paths):
+    for path in paths:
         try:
-            data = Path(path).read_bytes()
+            hashes.append(sha256_file(path))
         except OSError as exc:
             problems.append(Problem(path, f"cannot read file: {exc}", "check permissions or remove it"))
             hashes.append(None)
-            continue
-        hashes.append(hashlib.sha256(data).hexdigest())
-        blobs[i] = data
     known = cache.get_many(extractor.id, [h for h in hashes if h]) if cache is not None else {}
     todo = [i for i, h in enumerate(hashes) if h is not None and h not in known]
     todo_unique: dict[str, int] = {}
@@ -445,18 +446,29 @@ def extract_features(
     # 2. decode, resize and run the network on what is missing
     computed: dict[str, np.ndarray] = {}
     pending = list(todo_unique.items())
+
+    def prepare(i: int) -> np.ndarray | DataError:
+        try:
+            data = Path(paths[i]).read_bytes()
+            return resize_rgb(decode_image(data, paths[i]), extractor.input_size).transpose(2, 0, 1)
+        except OSError as exc:
+            return DataError(f"cannot read file: {exc}", file=paths[i])
+        except DataError as exc:
+            return exc
+
+    # PIL decodes and resizes outside the GIL: threads keep the network fed without worker processes
+    workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
     if pending:
-        with progress_bar(len(pending), f"{description} ({extractor.name})") as (progress, task):
+        with ThreadPoolExecutor(max(1, workers)) as pool, \
+                progress_bar(len(pending), f"{description} ({extractor.name})") as (progress, task):
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
                 arrays, shas = [], []
-                for sha, i in chunk:
-                    try:
-                        rgb = decode_image(blobs[i], paths[i])
-                    except DataError as exc:
-                        problems.append(Problem(paths[i], exc.message, "re-export it as PNG/JPEG or remove it"))
+                for (sha, i), out in zip(chunk, pool.map(prepare, [i for _, i in chunk]), strict=True):
+                    if isinstance(out, DataError):
+                        problems.append(Problem(paths[i], out.message, "re-export it as PNG/JPEG or remove it"))
                         continue
-                    arrays.append(resize_rgb(rgb, extractor.input_size).transpose(2, 0, 1))
+                    arrays.append(out)
                     shas.append(sha)
                 if arrays:
                     feats = extractor(np.stack(arrays))

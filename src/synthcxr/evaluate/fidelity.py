@@ -12,6 +12,9 @@ KID  = unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / D + 1)^3
        2018), averaged over random subsets, as torchmetrics/clean-fid do.
 PRDC = Naeem et al. 2020 with k nearest neighbours in Euclidean feature space (k=5 by default, as
        CheXGenBench), identical to the `prdc` reference package.
+CIs  = percentile bootstrap (both sets resampled with replacement). FID replicates are biased upward
+       (duplicates shrink the effective set), so the FID interval shows the spread and may sit above
+       the point estimate; KID replicates use the same unbiased formula on the resampled positions.
 """
 
 from __future__ import annotations

@@ -130,7 +130,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     continue
                 image_set = train_set if role == "train" else sets[role]
                 res = extract_features(image_set.paths, extractor, cache, batch_size=cfg.extractor.batch_size,
-                                       on_error=cfg.on_error, description=f"{role} features")
+                                       on_error=cfg.on_error, description=f"{role} features",
+                                       num_workers=cfg.extractor.num_workers)
                 if res.problems:
                     warnings.append(f"{role}: left out {len(res.problems)} unreadable image(s)")
                     image_set.items = [image_set.items[i] for i in res.kept]
