@@ -248,6 +248,9 @@ def test_bad_inputs_have_clear_messages(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="give a prompt"):
         load_config(GenerateConfig, None, [f"model={tiny_model_dir}"])
     assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        generate_images(GenerateConfig(model=tiny_model_dir, prompt="x", out=tmp_path / "file"))  # a Path is fine
 
 
 def test_cli_generate_dicom_with_config_and_set(tiny_model_dir, tmp_path, capsys):

@@ -74,6 +74,11 @@ class GenerateConfig(StrictModel):
     decode_batch_size: int | None = Field(None, ge=1)
     """Latents decoded per VAE call; default: the whole batch (CPU) or min(batch, 8) (CUDA)."""
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
@@ -151,6 +156,8 @@ def generate_images(
     jobs = plan_jobs(cfg)
     exporter = EXPORTERS[cfg.format]
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output path exists and is a file", file=out, fix="pass a folder for --out")
 
     # 2. load the model (unless given) and set the sampler
     if pipe is None:
