@@ -125,3 +125,20 @@ def test_study_grid_config_reproduces_the_study_matrix():
         paths = [str(p) for p in run.train["data"]["path"]]
         assert paths == ["data/MontgomerySet", "data/ChinaSet_AllFiles"]
     assert plan.generate and plan.evaluate
+
+
+def test_cli_dry_run_lists_runs_and_bad_file_is_one_clear_line(tmp_path, capsys):
+    from synthcxr.cli import main
+
+    path = write_grid(tmp_path, {"axes": {"method": ["dreambooth", "lora"]}, "baseline": True})
+    main(["grid", str(path), "--out", str(tmp_path / "out"), "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == ["baseline: baseline (no training)", "dreambooth: method=dreambooth", "lora: method=lora"]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+    bad = write_grid(tmp_path, {"axes": {"optimiser": ["adamw"]}})
+    with pytest.raises(SystemExit) as info:
+        main(["grid", str(bad), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'optimizer'" in err and "Traceback" not in err

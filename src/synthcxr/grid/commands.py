@@ -26,7 +26,7 @@ def grid(
     if dry_run:
         for run in runs:
             what = "baseline (no training)" if run.is_baseline else ", ".join(f"{k}={v}" for k, v in run.axes.items())
-            console.print(f"{run.name}: {what}", highlight=False)
+            typer.echo(f"{run.name}: {what}")
         return
     from synthcxr.grid.run import run_grid
 
