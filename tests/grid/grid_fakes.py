@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from synthcxr.errors import SynthCXRError
 from synthcxr.fileio import append_jsonl, atomic_write_json, read_jsonl
 
 
@@ -26,6 +27,8 @@ class FakeStages:
     crash_once: set[str] = field(default_factory=set)
     """Run names whose first training attempt dies after writing a checkpoint (like a kill)."""
     n_images: int = 4
+    interrupt_once: set[str] = field(default_factory=set)
+    """Run names whose first training attempt is stopped by a signal (the engine's TrainingInterrupted)."""
 
     def _log(self, stage: str, **info: Any) -> None:
         append_jsonl(self.calls_file, {"stage": stage, **{k: str(v) if isinstance(v, Path) else v for k, v in info.items()}})
@@ -42,6 +45,9 @@ class FakeStages:
         out = Path(out_dir)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config))
+        if name in self.interrupt_once and not resume:
+            (out / "checkpoints" / "step-000001").mkdir(exist_ok=True)
+            raise TrainingInterrupted("stopped by SIGTERM at step 1 of 20")
         if name in self.crash_once and not resume:
             (out / "checkpoints" / "step-000002").mkdir(exist_ok=True)
             raise KeyboardInterruptLike("killed at step 2")
@@ -108,6 +114,10 @@ class FakeStages:
         groups += [{"group": name, "realism_mean": 2.5 + 0.1 * i, "realism_ci": [2.0, 3.0], "judged_real_fraction": 0.3,
                     "judged_real_ci": [0.1, 0.5], "n_images": 4} for i, name in enumerate(sorted(request.models))]
         return {"n_answers": 24, "groups": groups}
+
+
+class TrainingInterrupted(SynthCXRError):
+    """Same name as the training engine's signal-stop error, which the grid recognises by name."""
 
 
 class KeyboardInterruptLike(RuntimeError):

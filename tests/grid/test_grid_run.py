@@ -161,3 +161,17 @@ def test_accelerate_launcher_failure_is_recorded(tmp_path, monkeypatch):
     assert cfg.is_file()
     assert "launch args: launch --num_processes 2 -m synthcxr train" in (cfg.parent / "accelerate.log").read_text()
     assert fake.calls("train") == []  # training went through the subprocess, not in-process
+
+
+def test_a_signal_stops_the_whole_grid_and_the_rerun_resumes(tmp_path):
+    plan = make_plan(tmp_path)
+    fake = FakeStages(tmp_path / "calls.jsonl", interrupt_once={"dreambooth-prodigy"})
+    out = tmp_path / "out"
+    first = run_grid(plan, out, stages=as_stages(fake))
+    assert first.interrupted and not first.ok
+    assert [r.name for r in first.results] == ["dreambooth-adamw", "dreambooth-prodigy"]  # the rest never started
+    assert "run the same command again to resume" in first.describe()
+    second = run_grid(plan, out, stages=as_stages(fake))
+    assert second.ok
+    trains = [(c["run"], c["resume"]) for c in fake.calls("train")]
+    assert trains.count(("dreambooth-prodigy", True)) == 1 and ("lora-prodigy", False) in trains

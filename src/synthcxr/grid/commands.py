@@ -37,5 +37,7 @@ def grid(
         path = build_report(out)
         console.print(f"report: {path}", highlight=False)
     console.print(result.describe(), highlight=False)
+    if result.interrupted:
+        raise typer.Exit(130)
     if not result.ok:
         raise typer.Exit(1)

@@ -315,8 +315,11 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
             for stale in (paths.error, paths.traceback):
                 stale.unlink(missing_ok=True)  # written by an earlier failed attempt of this grid
         except Exception as exc:  # noqa: BLE001 - one failing run must not stop the grid
-            result.status = "failed"
-            result.steps[step] = "failed"
+            # SIGINT/SIGTERM during training (Ctrl-C, a cluster's preemption): the engine saved a
+            # checkpoint; the grid stops too instead of starting the next run
+            interrupted = any(cls.__name__ == "TrainingInterrupted" for cls in type(exc).__mro__)
+            result.status = "interrupted" if interrupted else "failed"
+            result.steps[step] = result.status
             message = exc.render() if isinstance(exc, SynthCXRError) else f"{type(exc).__name__}: {exc}"
             result.error = f"{step}: {message}"
             atomic_write_text(paths.error, result.error + "\n")
@@ -351,9 +354,15 @@ class GridResult:
     def ok(self) -> bool:
         return not self.failed and self.study_error is None
 
+    @property
+    def interrupted(self) -> bool:
+        return any(r.status == "interrupted" for r in self.results)
+
     def describe(self) -> str:
         """A short human summary: which runs failed and where their logs are."""
         lines = [f"{len(self.results) - len(self.failed)} of {len(self.results)} run(s) finished in {self.out_dir}"]
+        if self.interrupted:
+            lines.append("  stopped by a signal after saving a checkpoint; run the same command again to resume")
         for r in self.failed:
             lines.append(f"  FAILED {r.name}: {(r.error or '').splitlines()[0] if r.error else 'unknown error'}")
             lines.append(f"         log: {r.log}" + (f"  traceback: {r.traceback}" if r.traceback else ""))
@@ -369,6 +378,9 @@ def _run_local(plan: GridPlan, runs: list[RunSpec], out_dir: Path, stages: Stage
     for i, spec in enumerate(runs, 1):
         log.info("run %d/%d: %s", i, len(runs), spec.name)
         results.append(run_one(spec, out_dir, plan.generate, plan.evaluate, stages))
+        if results[-1].status == "interrupted":
+            log.warning("stopping the grid: %s was interrupted", spec.name)
+            break
     return results
 
 
@@ -474,7 +486,7 @@ def run_grid(
 
     grid = GridResult(out_dir=out_dir, results=results)
     _write_status(out_dir, plan, results)
-    if plan.study is not None and not only:
+    if plan.study is not None and not only and not grid.interrupted:
         _run_study(plan, out_dir, results, stages, grid)
 
     from synthcxr.grid.summary import write_summary
