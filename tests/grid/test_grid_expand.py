@@ -142,3 +142,14 @@ def test_cli_dry_run_lists_runs_and_bad_file_is_one_clear_line(tmp_path, capsys)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "did you mean 'optimizer'" in err and "Traceback" not in err
+
+
+def test_real_images_default_to_the_training_data(tmp_path):
+    both = dict(BASE, data={"path": ["data/MontgomerySet", "data/ChinaSet_AllFiles"], "resolution": 64})
+    plan = load_plan(write_grid(tmp_path, {"axes": {"method": ["lora"]}}, base=both))
+    assert plan.evaluate["real"] == "data"  # the folder holding both sets
+    apart = dict(BASE, data={"path": ["/a/MontgomerySet", "/b/ChinaSet_AllFiles"], "resolution": 64})
+    with pytest.raises(ConfigError, match="set evaluate.real"):
+        load_plan(write_grid(tmp_path, {"axes": {"method": ["lora"]}}, base=apart))
+    plan = load_plan(write_grid(tmp_path, {"axes": {"method": ["lora"]}, "evaluate": {"real": "/r"}}, base=apart))
+    assert plan.evaluate["real"] == "/r"

@@ -294,7 +294,8 @@ def _yaml_scalar(text: Any) -> Any:
 def single_folder(path: Any) -> str | None:
     """One folder for a data path that may list several sets (Montgomery + Shenzhen -> their parent).
 
-    Evaluation takes one folder and reads every Montgomery/Shenzhen set below it.
+    Evaluation takes one folder and reads every Montgomery/Shenzhen set below it. Sets in different
+    parent folders have no such folder: None (never a far-up common ancestor like `/`).
     """
     if path is None:
         return None
@@ -303,11 +304,7 @@ def single_folder(path: Any) -> str | None:
     if len(path) == 1:
         return str(path[0])
     parents = {str(Path(p).parent) for p in path}
-    if len(parents) == 1:
-        return parents.pop()
-    import os
-
-    return os.path.commonpath([str(Path(p).resolve()) for p in path])
+    return parents.pop() if len(parents) == 1 else None
 
 
 def _matches(combo: dict[str, Any], pattern: dict[str, Any]) -> bool:
@@ -429,8 +426,15 @@ def expand_grid(
         raise ConfigError("the grid expands to no runs", file=source,
                           fix="add axes values, include entries or baseline: true (check exclude)")
     evaluate = dict(grid.evaluate)
-    if "real" not in evaluate and (real := single_folder((base.get("data") or {}).get("path"))):
-        evaluate["real"] = real  # compare with the images the runs were trained on
+    if "real" not in evaluate:  # compare with the images the runs were trained on
+        data_path = (base.get("data") or {}).get("path")
+        real = single_folder(data_path)
+        if data_path and real is None:
+            raise ConfigError("the training data sets live in different folders, so the real images for evaluation "
+                              "are ambiguous", file=source,
+                              fix="set evaluate.real to one folder of real images (every Montgomery/Shenzhen set below it is read)")
+        if real:
+            evaluate["real"] = real
     return GridPlan(name=grid.name, runs=runs, generate=dict(grid.generate), evaluate=evaluate,
                     study=grid.study if grid.study and grid.study.enabled else None,
                     launcher=grid.launcher, source=source, base=base)
