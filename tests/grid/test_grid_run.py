@@ -114,10 +114,12 @@ def test_changed_config_is_not_silently_reused(tmp_path):
     out = tmp_path / "out"
     run_grid(make_plan(tmp_path), out, stages=as_stages(fake), only=["lora-adamw"])
     changed = make_plan(tmp_path, set={"train.max_steps": 9})
-    result = run_grid(changed, out, stages=as_stages(fake), only=["lora-adamw"])
-    assert not result.ok
-    assert "different config" in result.failed[0].error
+    for _ in range(2):  # refused every time, not just the first
+        result = run_grid(changed, out, stages=as_stages(fake), only=["lora-adamw"])
+        assert not result.ok
+        assert "different config" in result.failed[0].error
     assert len(fake.calls("train")) == 1
+    assert run_grid(make_plan(tmp_path), out, stages=as_stages(fake), only=["lora-adamw"]).ok  # the original still resumes
 
 
 def test_study_across_runs_and_only(tmp_path):

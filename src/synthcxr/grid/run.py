@@ -265,9 +265,11 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
     result = RunResult(name=spec.name, status="running", run_dir=str(paths.root), log=str(paths.log))
     started = time.time()
     step = "setup"
+    owns_state = False  # a folder made for another config keeps its run.json untouched
     with _RunLog(paths.log):
         try:
             _check_fingerprint(spec, paths)
+            owns_state = True
             atomic_write_json(paths.state, {"name": spec.name, "fingerprint": spec.fingerprint(),
                                             "status": "running", "started": started, **spec.to_dict()})
             # 1. train (the baseline samples the pre-trained model as it is)
@@ -327,9 +329,10 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
             result.traceback = str(paths.traceback)
             log.error("[%s] %s failed: %s (traceback: %s)", spec.name, step, message, paths.traceback)
     result.seconds = round(time.time() - started, 3)
-    state = {"name": spec.name, "fingerprint": spec.fingerprint(), **spec.to_dict(), **asdict(result),
-             "finished": time.time()}
-    atomic_write_json(paths.state, state)
+    if owns_state:
+        state = {"name": spec.name, "fingerprint": spec.fingerprint(), **spec.to_dict(), **asdict(result),
+                 "finished": time.time()}
+        atomic_write_json(paths.state, state)
     return result
 
 
