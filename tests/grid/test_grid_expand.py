@@ -17,6 +17,7 @@ BASE = {"model": {"path": "models/tiny"}, "data": {"path": "data/x", "resolution
 
 
 def write_grid(tmp_path: Path, grid: dict, base: dict | None = BASE) -> Path:
+    grid = {"generate": {"prompt": "a sks chest x-ray"}, **grid}
     if base is not None:
         (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
         grid = {"base": "base.yaml", **grid}
@@ -153,3 +154,17 @@ def test_real_images_default_to_the_training_data(tmp_path):
         load_plan(write_grid(tmp_path, {"axes": {"method": ["lora"]}}, base=apart))
     plan = load_plan(write_grid(tmp_path, {"axes": {"method": ["lora"]}, "evaluate": {"real": "/r"}}, base=apart))
     assert plan.evaluate["real"] == "/r"
+
+
+def test_generate_and_evaluate_settings_are_checked_before_any_run(tmp_path):
+    path = write_grid(tmp_path, {"axes": {"method": ["lora"]}, "generate": {"prompt": "x", "seeds": 3}})
+    with pytest.raises(ConfigError) as info:
+        load_plan(path)
+    assert "generate settings" in info.value.render() and "did you mean 'seed'" in info.value.render()
+    path = write_grid(tmp_path, {"axes": {"method": ["lora"]}, "generate": {"prompt": "x"},
+                                 "evaluate": {"metrics": ["fidelty"]}})
+    with pytest.raises(ConfigError, match="evaluate settings"):
+        load_plan(path)
+    path = write_grid(tmp_path, {"axes": {"method": ["lora"]}, "generate": {"prompt": "x", "out": "somewhere"}})
+    with pytest.raises(ConfigError, match="generate.out is set by the grid"):
+        load_plan(path)

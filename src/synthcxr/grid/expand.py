@@ -435,9 +435,29 @@ def expand_grid(
                               fix="set evaluate.real to one folder of real images (every Montgomery/Shenzhen set below it is read)")
         if real:
             evaluate["real"] = real
+    if schema is not None:
+        check_stage_settings(grid.generate, evaluate, source)
     return GridPlan(name=grid.name, runs=runs, generate=dict(grid.generate), evaluate=evaluate,
                     study=grid.study if grid.study and grid.study.enabled else None,
                     launcher=grid.launcher, source=source, base=base)
+
+
+def check_stage_settings(generate: dict[str, Any], evaluate: dict[str, Any], source: str) -> None:
+    """Validate the shared generate/evaluate settings now, so a typo fails before hours of training.
+
+    The per-run keys (model/out, fake/out) are filled with placeholders; the grid sets them per run.
+    """
+    from synthcxr.evaluate.run import EvaluateConfig
+    from synthcxr.generate.sample import GenerateConfig
+
+    per_run = {"generate": {"model": "<run>", "out": "<run>/images"},
+               "evaluate": {"fake": "<run>/images", "out": "<run>/eval.json"}}
+    for what, model, given in (("generate", GenerateConfig, generate), ("evaluate", EvaluateConfig, evaluate)):
+        for key in per_run[what]:
+            if key in given:
+                raise ConfigError(f"{what}.{key} is set by the grid for every run", file=source,
+                                  fix=f"remove {what}.{key} from the grid file")
+        build_config(model, {**given, **per_run[what]}, f"{source} ({what} settings)")
 
 
 def load_plan(path: str | Path, overrides: list[str] | None = None,
