@@ -26,10 +26,10 @@ def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def tiny_config_dict(model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """A fast CPU config: 64 px, batch 2, 3 steps, no sample images, checkpoints every step."""
+    """A fast CPU config: 32 px (the tiny model is resolution-agnostic), batch 2, 3 steps, no sample images, checkpoints every step."""
     base = {
         "model": {"path": str(model_dir)},
-        "data": {"path": str(data_dir), "resolution": 64, "split": {"val": 0.0, "test": 0.0}},
+        "data": {"path": str(data_dir), "resolution": 32, "split": {"val": 0.0, "test": 0.0}},
         "method": {"name": "lora", "rank": 4},
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "train": {"max_steps": 3, "batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 10, "log_every": 1,

@@ -105,3 +105,17 @@ def test_full_finetune_exports_a_pipeline_generate_loads(make_config, tmp_path):
     unet = dict(pipe.unet.named_parameters())
     for name, tensor in saved.items():
         assert torch.equal(unet[name.removeprefix("unet.")].detach(), tensor)
+
+
+def test_adafactor_relative_step_brings_its_own_schedule(make_config, tmp_path):
+    from transformers.optimization import AdafactorSchedule
+
+    from synthcxr.train.loop import fit, setup
+
+    cfg = make_config(optimizer={"name": "adafactor", "relative_step": True, "lr": None},
+                      train={"max_steps": 2, "batch_size": 1})
+    session = setup(cfg, tmp_path / "run")
+    assert isinstance(session.lr_scheduler, AdafactorSchedule)
+    fit(session)
+    rows = [r for r in read_jsonl(session.run.metrics) if r.get("kind") == "train"]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in rows)

@@ -71,10 +71,9 @@ class LatentCache:
     def get(self, indices: Sequence[int], flips: Sequence[bool] | None = None) -> Any:
         import torch
 
-        idx = torch.as_tensor(list(indices), device=self.params.device)
-        f = torch.as_tensor([int(x) for x in flips] if flips is not None else [0] * len(indices),
-                            device=self.params.device)
-        return self.params[idx, f]
+        # python-int indexing gives views; one stack kernel, no index tensor copied to the GPU (a sync)
+        views = flips if flips is not None else [False] * len(indices)
+        return torch.stack([self.params[i, int(f)] for i, f in zip(indices, views, strict=True)])
 
 
 def _load_or_build(kind: str, path: Path | None, key: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class Session:
     train_time_s: float = 0.0  # over every session of this run (restored on resume)
     images_seen: int = 0
     tb: Any = None
-    _val_cache: dict[str, Any] = field(default_factory=dict)
+    _val_cache: dict[str, Any] = field(default_factory=dict)  # held-out latents/embeddings, SNR table
 
     @property
     def is_main(self) -> bool:
@@ -122,10 +122,12 @@ class Session:
         timesteps = torch.randint(0, T, (n_rows,), **kw)
         offset = torch.randn((n_rows, channels, 1, 1), **kw)
         flips = torch.rand((n_rows,), **kw) < 0.5
-        rows = list(range(rank * plan.batch_size, (rank + 1) * plan.batch_size))
-        if prior:
-            rows += [G + r for r in rows]
-        eps, noise, timesteps, offset, flips = (x[rows] for x in (eps, noise, timesteps, offset, flips))
+        r0, r1 = rank * plan.batch_size, (rank + 1) * plan.batch_size  # this process's rows (slices: no host sync)
+
+        def mine(x: Any) -> Any:
+            return torch.cat([x[r0:r1], x[G + r0:G + r1]]) if prior else x[r0:r1]
+
+        eps, noise, timesteps, offset, flips = (mine(x) for x in (eps, noise, timesteps, offset, flips))
         use_flips = self.cfg.data.hflip
         # 2. latent distributions: from the cache, or the VAE now (same numbers either way)
         B = len(item["indices"])
@@ -176,11 +178,65 @@ class Session:
         import torch
         from diffusers.training_utils import compute_snr
 
-        snr = compute_snr(self.models.noise_scheduler, timesteps)
+        if "snr" not in self._val_cache:  # table on the device once: no host->device copy per step
+            all_t = torch.arange(self.models.noise_scheduler.config.num_train_timesteps, device=self.device)
+            self._val_cache["snr"] = compute_snr(self.models.noise_scheduler, all_t)
+        snr = self._val_cache["snr"][timesteps]
         clipped = torch.clamp(snr, max=self.cfg.train.min_snr_gamma)
         if self.models.noise_scheduler.config.prediction_type == "v_prediction":
             return clipped / (snr + 1)
         return clipped / snr
+
+    # ------------------------------------------------------------------ one optimizer step
+    def batches(self) -> Any:
+        """Iterator over this process's micro-batches from `start_step` on (images decoded ahead by workers)."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        cfg = self.cfg
+        loader = DataLoader(
+            ImageLoader(self.plan, self.train_sources, self.class_sources, self.accelerator.process_index,
+                        cfg.data.resolution, cfg.data.resize, self.start_step, self.total,
+                        load_pixels=self.latent_cache is None),
+            batch_size=None, shuffle=False, num_workers=cfg.train.num_workers,
+            # its own generator: the global RNG (LoRA dropout) stays exactly as restored
+            generator=torch.Generator().manual_seed(cfg.train.seed))
+        for m in self.trained_modules:
+            m.train()
+        return iter(loader)
+
+    @property
+    def trained_modules(self) -> list[Any]:
+        return [self.unet] + ([self.text_encoder] if self.cfg.method.train_text_encoder else [])
+
+    def train_step(self, batches: Any) -> Any:
+        """Forward/backward over the accumulation micro-batches (gradients synced on the last only),
+        then clip, update, schedule and EMA. Returns the step's loss as a device tensor (no sync)."""
+        import torch
+
+        acc, t = self.accelerator, self.cfg.train
+        step_loss = torch.zeros((), device=acc.device)
+        try:
+            for micro in range(t.gradient_accumulation):
+                item = next(batches)
+                with contextlib.ExitStack() as stack:
+                    if micro < t.gradient_accumulation - 1:
+                        for m in self.trained_modules:
+                            stack.enter_context(acc.no_sync(m))
+                    loss = self.loss(item)
+                    acc.backward(loss / t.gradient_accumulation)
+                step_loss += loss.detach() / t.gradient_accumulation
+            params = list(self.trainable.values())
+            if t.max_grad_norm is not None:
+                acc.clip_grad_norm_(params, t.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(params)
+        except torch.OutOfMemoryError as exc:
+            raise _oom_error(self.cfg, exc) from exc
+        return step_loss
 
     # ------------------------------------------------------------------ validation
     def validation_loss(self) -> float | None:
@@ -656,7 +712,6 @@ def _bar(session: Session):
 
 def fit(session: Session) -> None:
     import torch
-    from torch.utils.data import DataLoader
 
     from synthcxr.train.optimizers import current_lr
 
@@ -666,16 +721,7 @@ def fit(session: Session) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         s.tb = SummaryWriter(log_dir=str(s.run.logs))
-    loader = DataLoader(
-        ImageLoader(s.plan, s.train_sources, s.class_sources, acc.process_index, cfg.data.resolution, cfg.data.resize,
-                    s.start_step, s.total, load_pixels=s.latent_cache is None),
-        batch_size=None, shuffle=False, num_workers=t.num_workers,
-        generator=torch.Generator().manual_seed(t.seed))  # its own generator: the global RNG (dropout) stays as restored
-    batches = iter(loader)
-    params = list(s.trainable.values())
-    trained_modules = [s.unet] + ([s.text_encoder] if cfg.method.train_text_encoder else [])
-    for m in trained_modules:
-        m.train()
+    batches = s.batches()
     global_batch = t.batch_size * acc.num_processes * t.gradient_accumulation
     log.info("training %s with %s: %d steps (%d per epoch; %d images x %d repeats; global batch %d) from step %d",
              cfg.method.name, cfg.optimizer.name, s.total, s.plan.steps_per_epoch, s.plan.n_images, t.repeats,
@@ -685,28 +731,8 @@ def fit(session: Session) -> None:
     session_start = time.perf_counter()
     with _StopSignal() as stop, _bar(s) as (progress, task):
         for step in range(s.start_step, s.total):
-            # 1. forward/backward over the accumulation micro-batches (gradients synced on the last only)
-            try:
-                for micro in range(t.gradient_accumulation):
-                    item = next(batches)
-                    sync = micro == t.gradient_accumulation - 1
-                    with contextlib.ExitStack() as stack:
-                        if not sync:
-                            for m in trained_modules:
-                                stack.enter_context(acc.no_sync(m))
-                        loss = s.loss(item)
-                        acc.backward(loss / t.gradient_accumulation)
-                    window_loss += loss.detach() / t.gradient_accumulation
-                # 2. clip, update, schedule, EMA
-                if t.max_grad_norm is not None:
-                    acc.clip_grad_norm_(params, t.max_grad_norm)
-                s.optimizer.step()
-                s.lr_scheduler.step()
-                s.optimizer.zero_grad(set_to_none=True)
-                if s.ema is not None:
-                    s.ema.step(params)
-            except torch.OutOfMemoryError as exc:
-                raise _oom_error(cfg, exc) from exc
+            # 1-2. forward/backward over the micro-batches, then clip, update, schedule, EMA
+            window_loss += s.train_step(batches)
             done = step + 1
             window_steps += 1
             s.images_seen += global_batch
