@@ -267,6 +267,10 @@ def test_run_directory_problems_are_clear(tiny_model_dir, tmp_path):
                                                   "lora": "final/missing.safetensors"}))
     with pytest.raises(ModelError, match="LoRA weights listed by the run are missing"):
         load_pipeline(run)
+    (run / "final").mkdir()
+    (run / "final" / "missing.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="could not apply the run's LoRA weights"):
+        load_pipeline(run)
     (run / RUN_MODEL_FILE).write_text(json.dumps({"base_model": None, "pipeline": None, "lora": None}))
     with pytest.raises(ModelError, match="neither a pipeline nor a base model"):
         load_pipeline(run)

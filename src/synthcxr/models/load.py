@@ -130,6 +130,8 @@ def load_pipeline(
     import torch
     from diffusers import StableDiffusionPipeline
 
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ModelError(f"unknown prediction_type {prediction_type!r}", fix="use epsilon or v_prediction")
     _quiet_loading()
     source = resolve_source(model)
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
@@ -154,14 +156,16 @@ def load_pipeline(
         if not source.lora.exists():
             raise ModelError("LoRA weights listed by the run are missing", file=source.lora,
                              fix="re-export the run's final weights (resume training)")
-        pipe.load_lora_weights(str(source.lora.parent), weight_name=source.lora.name)
+        try:
+            pipe.load_lora_weights(str(source.lora.parent), weight_name=source.lora.name)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelError(f"could not apply the run's LoRA weights: {exc}", file=source.lora,
+                             fix="check that the run's base_model is the model the LoRA was trained on") from exc
         if fuse_lora:
             # merge the low-rank update into the base weights: same images, no extra matmuls per step
             pipe.fuse_lora()
             pipe.unload_lora_weights()
     if prediction_type is not None:
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ModelError(f"unknown prediction_type {prediction_type!r}", fix="use epsilon or v_prediction")
         pipe.scheduler.register_to_config(prediction_type=prediction_type)
     if device is not None:
         pipe.to(device)
