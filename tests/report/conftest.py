@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "grid"))
+GRID_TESTS = str(Path(__file__).resolve().parents[1] / "grid")
+if GRID_TESTS not in sys.path:  # the fake stages live beside the grid tests
+    sys.path.insert(0, GRID_TESTS)
 
 from grid_fakes import FakeStages  # noqa: E402
 
