@@ -58,11 +58,13 @@ def test_disk_cache_is_reused_and_invalidated_by_data_or_preprocessing(make_conf
     assert len(latents) == 3
 
 
-def test_prior_preservation_generates_class_images_once(make_config, tmp_path):
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+def test_prior_preservation_generates_class_images_once(make_config, tmp_path, method):
+    """DreamBooth, and LoRA with DreamBooth prompts, with prior preservation."""
     from synthcxr.train.loop import train
 
     cache = tmp_path / "cache"
-    opts = {"method": {"name": "dreambooth", "prior_preservation": True, "num_class_images": 2,
+    opts = {"method": {"name": method, "prompts": "instance", "prior_preservation": True, "num_class_images": 2,
                        "class_image_steps": 1},
             "train": {"max_steps": 2, "cache_dir": str(cache), "cache_latents": "ram"}}
     run = train(make_config(**opts), tmp_path / "a")

@@ -84,6 +84,13 @@ def test_lora_file_loads_in_plain_diffusers_and_in_generate(make_config, tiny_mo
     via_run = load_pipeline(run)  # what `synthcxr generate --model RUN_DIR` uses
     assert np.allclose(_image(via_run), with_lora, atol=2e-3)
 
+    from synthcxr.cli import main
+
+    out = tmp_path / "generated"
+    main(["generate", "--model", str(run), "--prompt", "a chest x-ray", "--n", "1", "--steps", "2",
+          "--resolution", "64", "--out", str(out)])
+    assert len(list(out.glob("*.png"))) == 1
+
 
 def test_full_finetune_exports_a_pipeline_generate_loads(make_config, tmp_path):
     import json
