@@ -72,9 +72,8 @@ class Session:
     class_cache: LatentCache | None = None
     text_cache: TextCache | None = None
     train_time_s: float = 0.0  # over every session of this run (restored on resume)
-    images_seen: int = 0
     tb: Any = None
-    _val_cache: dict[str, Any] = field(default_factory=dict)  # held-out latents/embeddings, SNR table
+    memo: dict[str, Any] = field(default_factory=dict)  # held-out latents/embeddings, SNR table
 
     @property
     def is_main(self) -> bool:
@@ -178,10 +177,10 @@ class Session:
         import torch
         from diffusers.training_utils import compute_snr
 
-        if "snr" not in self._val_cache:  # table on the device once: no host->device copy per step
+        if "snr" not in self.memo:  # table on the device once: no host->device copy per step
             all_t = torch.arange(self.models.noise_scheduler.config.num_train_timesteps, device=self.device)
-            self._val_cache["snr"] = compute_snr(self.models.noise_scheduler, all_t)
-        snr = self._val_cache["snr"][timesteps]
+            self.memo["snr"] = compute_snr(self.models.noise_scheduler, all_t)
+        snr = self.memo["snr"][timesteps]
         clipped = torch.clamp(snr, max=self.cfg.train.min_snr_gamma)
         if self.models.noise_scheduler.config.prediction_type == "v_prediction":
             return clipped / (snr + 1)
@@ -238,100 +237,11 @@ class Session:
             raise _oom_error(self.cfg, exc) from exc
         return step_loss
 
-    # ------------------------------------------------------------------ validation
-    def validation_loss(self) -> float | None:
-        """Held-out loss at fixed timesteps with fixed noise: comparable across optimizers and runs.
-
-        Latents are the VAE means (no sampling) and noise image i comes from a CPU generator seeded
-        with i, so the same held-out images give the same inputs on every run and device.
-        """
-        import torch
-
-        if not self.val_sources:
-            return None
-        unet = self.accelerator.unwrap_model(self.unet)
-        if "latents" not in self._val_cache:
-            with torch.no_grad():
-                lat = [torch.chunk(self.encode_pixels(load_pixels(self.cfg, s)[None]), 2, dim=1)[0] for s in self.val_sources]
-            self._val_cache["latents"] = torch.cat(lat) * self.models.vae.config.scaling_factor
-        if "hidden" not in self._val_cache or self.cfg.method.train_text_encoder:
-            with torch.no_grad():
-                self._val_cache["hidden"] = self.encode_prompts(self.val_prompts)
-        latents, hidden = self._val_cache["latents"], self._val_cache["hidden"]
-        ts = torch.tensor(self.cfg.train.validation_timesteps, device=self.device)
-        sched = self.models.noise_scheduler
-        losses = []
-        with torch.no_grad(), self.accelerator.autocast():
-            for i in range(len(latents)):
-                g = torch.Generator().manual_seed(10_000 + i)
-                noise = torch.randn((len(ts), *latents.shape[1:]), generator=g).to(self.device)
-                x0 = latents[i:i + 1].expand(len(ts), -1, -1, -1)
-                noisy = sched.add_noise(x0, noise, ts)
-                target = sched.get_velocity(x0, noise, ts) if sched.config.prediction_type == "v_prediction" else noise
-                pred = unet(noisy, ts, hidden[i:i + 1].expand(len(ts), -1, -1), return_dict=False)[0]
-                losses.append(torch.mean((pred.float() - target.float()) ** 2).item())
-        return float(sum(losses) / len(losses))
-
-    def sample_images(self, step: int) -> Path:
-        """Images at fixed prompts and seeds into samples/step_XXXXX/ (same seeds every time)."""
-        import torch
-
-        from synthcxr.train.methods import _pipeline_for
-
-        unet = self.accelerator.unwrap_model(self.unet)
-        text_encoder = self.accelerator.unwrap_model(self.text_encoder)
-        pipe = _pipeline_for(Models(unet=unet, vae=self.models.vae, text_encoder=text_encoder,
-                                    tokenizer=self.models.tokenizer,
-                                    scheduler=type(self.models.scheduler).from_config(self.models.scheduler.config),
-                                    noise_scheduler=None))
-        pipe.set_progress_bar_config(disable=True)
-        out = self.run.samples / f"step_{step:05d}"
-        out.mkdir(parents=True, exist_ok=True)
-        t = self.cfg.train
-        for p_i, prompt in enumerate(self.validation_prompts()):
-            for seed in t.validation_seeds:
-                with torch.no_grad(), self.accelerator.autocast():
-                    image = pipe(prompt, num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
-                                 generator=torch.Generator().manual_seed(seed), height=self.cfg.data.resolution,
-                                 width=self.cfg.data.resolution).images[0]
-                image.save(out / f"p{p_i:02d}_seed{seed}.png")
-        atomic_write_json(out / "prompts.json", {"prompts": self.validation_prompts(), "seeds": t.validation_seeds})
-        return out
-
-    def validation_prompts(self) -> list[str]:
-        if self.cfg.train.validation_prompts:
-            return self.cfg.train.validation_prompts
-        return list(dict.fromkeys(self.prompts))[:2]
-
+    # ------------------------------------------------------------------ validation (validation.py)
     def validate(self, step: int) -> dict[str, Any]:
-        """Samples + held-out loss on the main process (EMA weights when EMA is on)."""
-        row: dict[str, Any] = {"step": step, "kind": "val"}
-        if self.is_main:
-            params = list(self.trainable.values())
-            modules = [self.models.unet, self.models.text_encoder]
-            was_training = [m.training for m in modules]
-            for m in modules:
-                m.eval()
-            if self.ema is not None:
-                self.ema.store(params)
-                self.ema.copy_to(params)
-            try:
-                row["val_loss"] = self.validation_loss()
-                if self.cfg.train.validation_seeds:
-                    row["samples"] = str(self.sample_images(step).relative_to(self.run.root))
-            finally:
-                if self.ema is not None:
-                    self.ema.restore(params)
-                for m, flag in zip(modules, was_training, strict=True):
-                    m.train(flag)
-            append_jsonl(self.run.metrics, row)
-            if self.tb is not None and row["val_loss"] is not None:
-                self.tb.add_scalar("val/loss", row["val_loss"], step)
-            log.info("step %d: validation loss %s, samples in %s", step,
-                     f"{row['val_loss']:.5f}" if row["val_loss"] is not None else "n/a (no held-out images)",
-                     row.get("samples", "none (no validation seeds)"))
-        self.accelerator.wait_for_everyone()
-        return row
+        from synthcxr.train.validation import validate
+
+        return validate(self, step)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> Path | None:
@@ -735,7 +645,6 @@ def fit(session: Session) -> None:
             window_loss += s.train_step(batches)
             done = step + 1
             window_steps += 1
-            s.images_seen += global_batch
             if progress is not None:
                 progress.advance(task)
             # 3. log (this reads the loss from the device, so not every step on a GPU)

@@ -67,7 +67,7 @@ def _text_lora(text_encoder: Any, cfg: MethodSection) -> None:
 
 
 # --------------------------------------------------------------------------- 3. export
-def _pipeline_for(models: Models):
+def pipeline_for(models: Models):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(unet=models.unet, vae=models.vae, text_encoder=models.text_encoder,
@@ -77,7 +77,7 @@ def _pipeline_for(models: Models):
 
 def _export_pipeline(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Full weights: a diffusers folder that any StableDiffusionPipeline.from_pretrained loads."""
-    _pipeline_for(models).save_pretrained(out_dir, safe_serialization=True)
+    pipeline_for(models).save_pretrained(out_dir, safe_serialization=True)
     return {"pipeline": out_dir.name, "lora": None}
 
 
@@ -210,7 +210,7 @@ def ensure_class_images(models: Models, cfg: TrainConfig, folder: Path, device: 
     if not todo:
         return paths
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = _pipeline_for(models)
+    pipe = pipeline_for(models)
     pipe.set_progress_bar_config(disable=True)
     prompt = class_prompt(cfg)
     log.info("generating %d class images for prior preservation (%r) into %s", len(todo), prompt, folder)
