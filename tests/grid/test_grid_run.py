@@ -177,3 +177,22 @@ def test_a_signal_stops_the_whole_grid_and_the_rerun_resumes(tmp_path):
     assert second.ok
     trains = [(c["run"], c["resume"]) for c in fake.calls("train")]
     assert trains.count(("dreambooth-prodigy", True)) == 1 and ("lora-prodigy", False) in trains
+
+
+def test_changed_shared_settings(tmp_path):
+    """New evaluate settings re-evaluate (old results kept); new generate settings are refused."""
+    fake = FakeStages(tmp_path / "calls.jsonl")
+    out = tmp_path / "out"
+    assert run_grid(make_plan(tmp_path), out, stages=as_stages(fake), only=["lora-adamw"]).ok
+    run = out / "runs" / "lora-adamw"
+    old = (run / "eval.json").read_text()
+    changed_eval = make_plan(tmp_path, evaluate={"real": "data/x", "seed": 3})
+    result = run_grid(changed_eval, out, stages=as_stages(fake), only=["lora-adamw"])
+    assert result.ok and result.results[0].steps == {"train": "skipped", "generate": "skipped", "evaluate": "ran"}
+    kept = [p for p in run.glob("eval.*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == old
+    changed_gen = make_plan(tmp_path, evaluate={"real": "data/x", "seed": 3},
+                            generate={"prompt": "a sks chest x-ray", "n": 3, "seed": 8})
+    result = run_grid(changed_gen, out, stages=as_stages(fake), only=["lora-adamw"])
+    assert not result.ok and "generate settings changed" in result.failed[0].error
+    assert len(fake.calls("generate")) == 1

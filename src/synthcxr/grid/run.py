@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from synthcxr.errors import ConfigError, SynthCXRError, TrainingError
-from synthcxr.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from synthcxr.fileio import atomic_write_json, atomic_write_text, hash_strings, read_jsonl
 from synthcxr.grid.expand import GridPlan, RunSpec
 from synthcxr.logging_utils import get_logger
 
@@ -179,6 +179,37 @@ class RunPaths:
     def generate_marker(self) -> Path:
         return self.root / GENERATE_MARKER
 
+    @property
+    def eval_settings(self) -> Path:
+        """Hash of the evaluate settings that produced eval.json."""
+        return self.root / "eval.settings"
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hash_strings([json.dumps(settings, sort_keys=True, default=str)])[:12]
+
+
+def _check_generate_settings(paths: RunPaths, generate: dict[str, Any]) -> None:
+    """Images made with other generate settings are never mixed with new ones (or overwritten)."""
+    try:
+        old = json.loads(paths.generate_marker.read_text()).get("settings")
+    except (OSError, json.JSONDecodeError):
+        return
+    if old and old != settings_hash(generate):
+        raise ConfigError("the grid's generate settings changed since this run's images were made", file=paths.images,
+                          fix="run the changed grid into a new --out folder (the images here are kept as they are)")
+
+
+def _retire_stale_eval(paths: RunPaths, evaluate: dict[str, Any]) -> None:
+    """Evaluate settings changed: keep the old results beside the new ones, then evaluate again."""
+    if not paths.eval_json.exists() or not paths.eval_settings.exists():
+        return
+    old = paths.eval_settings.read_text().strip()
+    if old != settings_hash(evaluate):
+        keep = paths.eval_json.with_name(f"eval.{old}.json")
+        paths.eval_json.replace(keep)
+        log.info("evaluate settings changed: previous results kept as %s", keep)
+
 
 def run_paths(out_dir: Path, name: str) -> RunPaths:
     return RunPaths(Path(out_dir) / "runs" / name)
@@ -291,6 +322,7 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
                 model = str(paths.train)
             # 2. generate the shared prompts x seeds
             step = "generate"
+            _check_generate_settings(paths, generate)
             if images_complete(paths):
                 result.steps["generate"] = "skipped"
             else:
@@ -300,10 +332,12 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
                 if count == 0:
                     raise SynthCXRError("generation wrote no images (manifest.jsonl is empty or missing)",
                                         file=paths.images, fix="check the generate settings of the grid")
-                atomic_write_json(paths.generate_marker, {"count": count, "model": model, "finished": time.time()})
+                atomic_write_json(paths.generate_marker, {"count": count, "model": model, "finished": time.time(),
+                                                          "settings": settings_hash(generate)})
                 result.steps["generate"] = "ran"
             # 3. evaluate against the real images
             step = "evaluate"
+            _retire_stale_eval(paths, evaluate)
             if eval_complete(paths):
                 result.steps["evaluate"] = "skipped"
             else:
@@ -312,6 +346,7 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
                 if not eval_complete(paths):
                     raise SynthCXRError("evaluation returned but wrote no results", file=paths.eval_json,
                                         fix="check the evaluate settings of the grid")
+                atomic_write_text(paths.eval_settings, settings_hash(evaluate) + "\n")
                 result.steps["evaluate"] = "ran"
             result.status = "done"
             for stale in (paths.error, paths.traceback):
