@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,7 +91,16 @@ def sync(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="synthcxr-bench-"))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the benchmark's own scratch folder
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     from synthcxr.generate.sample import GenerateConfig, generate_images
     from synthcxr.generate.schedulers import make_scheduler
@@ -98,12 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
     from synthcxr.models.tiny import make_tiny_model
 
     logging.getLogger("synthcxr").setLevel(logging.WARNING)
+    diffusers_logging.set_verbosity_error()
     device = args.device or ("cuda" if args.sd15 and torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     dtype = torch.float16 if on_gpu else torch.float32
     n = args.n or (32 if args.sd15 else 8)
     batch = args.batch or (8 if args.sd15 else 4)
-    work = Path(tempfile.mkdtemp(prefix="synthcxr-bench-"))
 
     # 1. the same weights for both sides (two pipeline objects, so our speed options cannot leak into plain)
     if args.sd15:
