@@ -43,7 +43,7 @@ class ModelSection(StrictModel):
     """Override the scheduler's prediction type (SD 2.x 768 px models use v_prediction). None = the model's own."""
 
     revision: str | None = None
-    """Hub revision (kept for provenance; local folders ignore it)."""
+    """Hub revision, recorded with the run for provenance (loading uses the locally cached snapshot)."""
 
     single_file_config: Path | None = None
     """For a single-file checkpoint offline: a local diffusers folder of the same architecture."""
