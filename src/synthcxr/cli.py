@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     except SynthCXRError as exc:
         if _state["debug"]:
             raise
-        from synthcxr.logging_utils import console
-
         from rich.text import Text
+
+        from synthcxr.logging_utils import console
 
         console.print(Text("error: ", style="bold red") + Text(exc.render()), highlight=False)
         sys.exit(2)
