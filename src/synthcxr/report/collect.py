@@ -85,9 +85,9 @@ class RunData:
     def train_seconds(self) -> float | None:
         value = _first(self.train_summary, ("train_seconds", "train_time_s", "wall_time_s", "elapsed_s",
                                             "seconds", "duration_s", "time_s"))
-        if value is None and self.metrics:
-            times = [r.get("time") or r.get("elapsed") for r in self.metrics if isinstance(r.get("time") or r.get("elapsed"), int | float)]
-            value = max(times) if times else None
+        if value is None:  # unfinished run: wall time between its first and last logged step
+            times = [r["time"] for r in self.metrics if isinstance(r.get("time"), int | float)]
+            value = max(times) - min(times) if len(times) > 1 else None
         return value
 
     def images_per_second(self) -> float | None:
