@@ -59,3 +59,13 @@ def test_cli_train_with_set_overrides_and_clear_errors(tiny_model_dir, train_dat
     with pytest.raises(SystemExit):
         main(["train", str(config), "--out", str(out)])
     assert "--resume" in " ".join(capsys.readouterr().err.split())
+
+
+def test_run_uses_the_exact_step_formula(make_config, tmp_path):
+    from synthcxr.train.loop import setup
+
+    cfg = make_config(train={"max_steps": None, "epochs": 2, "repeats": 3, "batch_size": 3,
+                             "gradient_accumulation": 2})
+    session = setup(cfg, tmp_path / "run")
+    assert session.plan.n_images == 8
+    assert session.total == 2 * math.ceil(8 * 3 / (3 * 2 * 1)) == 8
