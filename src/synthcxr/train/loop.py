@@ -443,8 +443,8 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         logging.getLogger("synthcxr").setLevel(logging.WARNING)
     run = RunDir(root)
     if accelerator.is_main_process:
+        save_config(cfg, run.config)  # first: a run dir with its config can always be resumed
         run = RunDir.create(root)
-        save_config(cfg, run.config)
         write_environment(run.environment)
     accelerator.wait_for_everyone()
     _determinism(cfg)
