@@ -286,3 +286,20 @@ def test_speed_options_keep_the_images(tiny_model_dir, tiny_pipe, tmp_path):
     for name in files(plain):
         x, y = pixels(plain / name).astype(int), pixels(fast / name).astype(int)
         assert np.abs(x - y).max() <= 2 and (x != y).mean() < 0.02
+
+
+def test_cli_generate_from_a_run_without_prompt_uses_the_runs_prompt(tiny_model_dir, tmp_path):
+    """`synthcxr generate --model RUN --n N` (issue example): a DreamBooth run is sampled with its instance prompt."""
+    from synthcxr.cli import main
+    from synthcxr.config import save_config
+    from synthcxr.train.config import load_train_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_train_config(None, [f"model.path={tiny_model_dir}", "data.path=unused",
+                                         "method.name=dreambooth"]), run / "config.yaml")
+    (run / "synthcxr_model.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "pipeline": None, "lora": None}))
+    out = tmp_path / "gen"
+    main(["generate", "--model", str(run), "--n", "1", "--steps", "1", "--out", str(out)])
+    rows = read_jsonl(out / MANIFEST)
+    assert [r["prompt"] for r in rows] == ["a sks chest x-ray"]

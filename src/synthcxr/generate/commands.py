@@ -10,6 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
+from synthcxr.logging_utils import get_logger
+
+log = get_logger(__name__)
+
 
 def generate(
     model: Annotated[str | None, typer.Option(help="Diffusers folder, .safetensors/.ckpt file, synthcxr run directory, or hub id.")] = None,
@@ -54,6 +58,13 @@ def generate(
         from synthcxr.errors import ConfigError
 
         raise ConfigError("no model given", fix="pass --model DIR_OR_FILE (e.g. a folder made by `synthcxr model make-tiny`)")
+    if data.get("prompt") is None and data.get("prompts_csv") is None:
+        from synthcxr.generate.prompts import default_prompt_for_run
+
+        run_prompt = default_prompt_for_run(data["model"])
+        if run_prompt is not None:
+            log.info("no --prompt given: using the run's prompt %r", run_prompt)
+            data["prompt"] = run_prompt
     source = f"{config} + options" if config else "command-line options"
     cfg = build_config(GenerateConfig, data, source)
     out_dir = generate_images(cfg)

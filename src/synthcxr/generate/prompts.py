@@ -105,3 +105,23 @@ def plan_jobs(cfg: Any) -> list[ImageJob]:
             i = len(jobs)
             jobs.append(ImageJob(i, row.prompt, cfg.negative_prompt, cfg.seed + i, row.attributes))
     return jobs
+
+
+def default_prompt_for_run(model: str | Path) -> str | None:
+    """The prompt a training run was taught, so `generate --model RUN` works without --prompt.
+
+    DreamBooth-style runs learned their instance prompt ("a sks chest x-ray"); caption-trained runs
+    get their first validation prompt, else the class prompt. None when `model` is not a run.
+    """
+    run_config = Path(model) / "config.yaml"
+    if not (Path(model) / "synthcxr_model.json").is_file() or not run_config.is_file():
+        return None
+    from synthcxr.train.config import load_train_config
+    from synthcxr.train.methods import class_prompt, instance_prompt
+
+    cfg = load_train_config(run_config)
+    if cfg.method.prompt_mode == "instance":
+        return instance_prompt(cfg)
+    if cfg.train.validation_prompts:
+        return cfg.train.validation_prompts[0]
+    return class_prompt(cfg)
