@@ -129,3 +129,21 @@ def test_broken_jsonl_lines_reported(copy_of):
     with pytest.raises(ProblemsError) as info:
         load_records(DataConfig(path=root, resolution=64))
     assert [p.message.split(" is ")[0] for p in info.value.problems] == ["line 2", "line 3"]
+
+
+def test_image_with_bad_readings_still_gets_its_pixels_checked(copy_of):
+    """A truncated (or duplicate) image whose readings are also missing shows both problems in one pass."""
+    root = copy_of("shenzhen")
+    images, readings = root / "CXR_png", root / "ClinicalReadings"
+    data = (images / "CHNCXR_0002_1.png").read_bytes()
+    (images / "CHNCXR_0002_1.png").write_bytes(data[: len(data) // 2])
+    (readings / "CHNCXR_0002_1.txt").unlink()
+    shutil.copy(images / "CHNCXR_0005_0.png", images / "CHNCXR_0098_0.png")  # a copy without readings
+    with pytest.raises(ProblemsError) as info:
+        load_records(DataConfig(path=root, resolution=64))
+    messages = [(p.file.name, p.message) for p in info.value.problems]
+    assert ("CHNCXR_0002_1.txt", "missing readings file for image CHNCXR_0002_1.png") in messages
+    assert any(name == "CHNCXR_0002_1.png" and "truncated" in msg for name, msg in messages)
+    assert any(name == "CHNCXR_0098_0.png" and "duplicate image" in msg for name, msg in messages)
+    records = load_records(DataConfig(path=root, resolution=64, on_error="skip"))
+    assert "CHNCXR_0005_0.png" in {r.image_path.name for r in records}  # the original stays usable

@@ -94,3 +94,11 @@ def check_records(records: list[XrayRecord], full: bool = True, show_progress: b
         for record in records:
             one(record)
     return good, problems
+
+
+def check_scan(scan, full: bool) -> tuple[list[XrayRecord], list[Problem]]:  # noqa: ANN001 - readers.ScanResult
+    """Check the pixels of every image a scan saw, including those left out for metadata problems,
+    so one pass lists every problem; only the scan's usable records are returned."""
+    checked, image_problems = check_records(scan.records + scan.image_only, full=full)
+    usable = {id(record) for record in scan.records}
+    return [record for record in checked if id(record) in usable], scan.problems + image_problems

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from synthcxr.data.captions import caption_for
-from synthcxr.data.checks import check_records
+from synthcxr.data.checks import check_scan
 from synthcxr.data.config import DataConfig
 from synthcxr.data.preprocess import load_image, to_model_tensor
 from synthcxr.data.readers import scan_paths
@@ -25,8 +25,7 @@ def load_records(cfg: DataConfig, full_check: bool = False) -> list[XrayRecord]:
     image (as `data inspect` does) instead of only checking PNG checksums.
     """
     scan = scan_paths(cfg.paths, cfg.format, cfg.manifest, resolution=cfg.resolution)
-    records, image_problems = check_records(scan.records, full=full_check)
-    problems = scan.problems + image_problems
+    records, problems = check_scan(scan, full=full_check)
     where = ", ".join(str(p) for p in cfg.paths)
     if problems:
         if cfg.on_error == "fail":

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synthcxr.data.checks import check_records
+from synthcxr.data.checks import check_scan
 from synthcxr.data.readers import scan_paths
 from synthcxr.data.records import XrayRecord
 from synthcxr.errors import Problem
@@ -66,8 +66,8 @@ class InspectReport:
 def inspect_data(paths: list[Path], format: str = "auto", manifest: Path | None = None) -> InspectReport:
     """Read and fully decode every image of `paths`; nothing is skipped silently."""
     scan = scan_paths(paths, format, manifest, resolution=None, keep_pixels=False)
-    records, image_problems = check_records(scan.records, full=True)
-    return InspectReport(paths=list(paths), records=records, problems=scan.problems + image_problems)
+    records, problems = check_scan(scan, full=True)
+    return InspectReport(paths=list(paths), records=records, problems=problems)
 
 
 def render_report(report: InspectReport, console) -> None:  # noqa: ANN001 - rich Console

@@ -53,10 +53,14 @@ class ScanResult:
 
     records: list[XrayRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    image_only: list[XrayRecord] = field(default_factory=list)
+    """Images left out for a metadata problem; `data inspect` still checks their pixels, so one pass
+    reports a truncated or duplicate image even when its readings file is also missing."""
 
     def extend(self, other: ScanResult) -> None:
         self.records += other.records
         self.problems += other.problems
+        self.image_only += other.image_only
 
 
 def _visible_files(folder: Path, recursive: bool) -> list[Path]:
@@ -137,21 +141,27 @@ class NativeTBReader(Reader):
             result.problems.append(Problem(images_dir, "empty folder: no images found",
                                            f"copy the {self.folder} PNGs ({self.prefix}_####_0.png) into it"))
             return result
+        def image_only(path: Path) -> XrayRecord:
+            return XrayRecord(image_path=path, patient_id=re.sub(r"_[01]$", "", path.stem), source=self.name)
+
         if not readings_dir.is_dir():
             result.problems.append(Problem(readings_dir, "ClinicalReadings folder not found",
                                            f"add the set's ClinicalReadings/*.txt next to CXR_png in {root}"))
+            result.image_only += [image_only(path) for path in pngs]
             return result
         for path in pngs:
             text_path = readings.get(path.stem.lower())
             if text_path is None:
                 result.problems.append(Problem(readings_dir / f"{path.stem}.txt", f"missing readings file for image {path.name}",
                                                f"add {path.stem}.txt to ClinicalReadings (first lines like {self.example!r})"))
+                result.image_only.append(image_only(path))
                 continue
             try:
                 reading = self.parse(read_text(text_path))
             except (ReadingsParseError, OSError) as exc:
                 result.problems.append(Problem(text_path, f"unparseable readings: {exc}",
                                                f"edit the file so it starts like {self.example!r}"))
+                result.image_only.append(image_only(path))
                 continue
             label = label_from_suffix(path.stem)
             result.records.append(XrayRecord(
