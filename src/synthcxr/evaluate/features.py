@@ -32,7 +32,8 @@ from pydantic import field_validator
 
 from synthcxr.config import StrictModel
 from synthcxr.errors import ConfigError, DataError, ModelError, Problem, ProblemsError
-from synthcxr.evaluate.images import RESIZE_METHOD, decode_image, resize_rgb
+from synthcxr.evaluate.imagecache import DecodedImageCache
+from synthcxr.evaluate.images import RESIZE_METHOD, read_decoded, resize_rgb
 from synthcxr.fileio import sha256_file
 from synthcxr.logging_utils import get_logger, progress_bar
 
@@ -423,10 +424,12 @@ def extract_features(
     on_error: str = "fail",
     description: str = "features",
     num_workers: int | None = None,
+    images: DecodedImageCache | None = None,
 ) -> FeatureResult:
     """Features for each image: cached ones are looked up, the rest computed in batches and stored.
 
     Unreadable files are collected and reported together (on_error=fail) or left out (skip).
+    `images` is the run's decoded-image cache, so the pixel metrics reuse what is decoded here.
     """
     # 1. hash every file (streamed; cheap next to a forward pass) and look them up
     problems: list[Problem] = []
@@ -449,8 +452,7 @@ def extract_features(
 
     def prepare(i: int) -> np.ndarray | DataError:
         try:
-            data = Path(paths[i]).read_bytes()
-            return resize_rgb(decode_image(data, paths[i]), extractor.input_size).transpose(2, 0, 1)
+            return resize_rgb(read_decoded(paths[i], images), extractor.input_size).transpose(2, 0, 1)
         except OSError as exc:
             return DataError(f"cannot read file: {exc}", file=paths[i])
         except DataError as exc:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from synthcxr.errors import DataError
+from synthcxr.evaluate.imagecache import DecodedImageCache
 from synthcxr.fileio import read_jsonl
 from synthcxr.logging_utils import get_logger
 
@@ -184,12 +185,41 @@ def _gray_to_rgb(gray01: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
+def compact(rgb: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 -> H x W when the channels are equal (grayscale files), else unchanged.
+
+    Lossless: `resize_rgb` gives the same output for both forms, so the decoded-image cache can keep
+    a third of the bytes for grayscale X-rays.
+    """
+    if rgb.ndim == 3 and (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all():
+        return np.ascontiguousarray(rgb[:, :, 0])
+    return rgb
+
+
+def _decode_file(path: Path) -> np.ndarray:
+    return compact(decode_image(Path(path).read_bytes(), path))
+
+
+def read_decoded(path: str | Path, images: DecodedImageCache | None = None) -> np.ndarray:
+    """A file's decoded pixels (`compact` form, H x W or H x W x 3 uint8), via the run's cache when given.
+
+    Every metric reads pixels through here, so with a cache each file is decoded once per run.
+    Raises OSError when the file cannot be read and DataError when it cannot be decoded.
+    """
+    if images is None:
+        return _decode_file(Path(path))
+    return images.get(path, _decode_file)
+
+
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
-    """H x W x 3 uint8 -> size x size x 3 float32 in 0..255, the one documented resize (RESIZE_METHOD)."""
+    """H x W x 3 (or H x W grayscale) uint8 -> size x size x 3 float32 in 0..255, the one documented resize (RESIZE_METHOD)."""
     h, w = rgb.shape[:2]
+    if rgb.ndim == 2:
+        is_gray, rgb = True, rgb[:, :, None]
+    else:
+        is_gray = bool((rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all())
     if (h, w) == (size, size):
-        return rgb.astype(np.float32)
-    is_gray = bool((rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all())
+        return np.repeat(rgb, 3, axis=2).astype(np.float32) if rgb.shape[2] == 1 else rgb.astype(np.float32)
     channels = [0] if is_gray else [0, 1, 2]
     out = []
     for c in channels:
@@ -200,15 +230,14 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.stack(out, axis=2).astype(np.float32)
 
 
-def load_gray(path: str | Path, size: int) -> np.ndarray:
+def load_gray(path: str | Path, size: int, images: DecodedImageCache | None = None) -> np.ndarray:
     """An image as a size x size float32 array in [0, 1] (for SSIM, pairs and the classifier)."""
-    rgb = decode_image(Path(path).read_bytes(), path)
-    resized = resize_rgb(rgb, size)
+    resized = resize_rgb(read_decoded(path, images), size)
     return (resized.mean(axis=2) / 255.0).astype(np.float32)
 
 
-def load_gray_stack(paths: list[Path], size: int) -> np.ndarray:
+def load_gray_stack(paths: list[Path], size: int, images: DecodedImageCache | None = None) -> np.ndarray:
     """N x size x size float32 in [0, 1]."""
     if not paths:
         return np.zeros((0, size, size), dtype=np.float32)
-    return np.stack([load_gray(p, size) for p in paths])
+    return np.stack([load_gray(p, size, images) for p in paths])

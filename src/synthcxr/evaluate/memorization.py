@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from synthcxr.errors import EvaluationError
+from synthcxr.evaluate.imagecache import DecodedImageCache
 from synthcxr.evaluate.images import load_gray, load_gray_stack
 from synthcxr.fileio import atomic_write_bytes
 
@@ -51,10 +52,10 @@ def _summary(values: np.ndarray) -> dict[str, Any]:
             "max": float(values.max()), "histogram": {"counts": hist.tolist(), "edges": [float(e) for e in edges]}}
 
 
-def save_pair(synthetic: Path, train: Path, out: Path, size: int = 256) -> Path:
+def save_pair(synthetic: Path, train: Path, out: Path, size: int = 256, images: DecodedImageCache | None = None) -> Path:
     """Synthetic | training side by side as one PNG (grayscale, same size, 8 px gap)."""
-    left = (load_gray(synthetic, size) * 255).round().astype(np.uint8)
-    right = (load_gray(train, size) * 255).round().astype(np.uint8)
+    left = (load_gray(synthetic, size, images) * 255).round().astype(np.uint8)
+    right = (load_gray(train, size, images) * 255).round().astype(np.uint8)
     canvas = np.full((size, 2 * size + 8), 255, dtype=np.uint8)
     canvas[:, :size] = left
     canvas[:, size + 8:] = right
@@ -65,8 +66,12 @@ def save_pair(synthetic: Path, train: Path, out: Path, size: int = 256) -> Path:
 
 def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_paths: list[Path], train_paths: list[Path],
                        *, ssim_size: int = 128, ssim_candidates: int = 20, feature_threshold: float = 0.95,
-                       ssim_threshold: float = 0.9, top_pairs: int = 8, pairs_dir: Path | None = None) -> dict[str, Any]:
-    """Nearest training image per synthetic image by features and by SSIM; flags and saved top pairs."""
+                       ssim_threshold: float = 0.9, top_pairs: int = 8, pairs_dir: Path | None = None,
+                       images: DecodedImageCache | None = None) -> dict[str, Any]:
+    """Nearest training image per synthetic image by features and by SSIM; flags and saved top pairs.
+
+    `images` is the run's decoded-image cache (files already decoded for features are not decoded again).
+    """
     if len(fake_feats) == 0 or len(train_feats) == 0:
         raise EvaluationError("memorization needs at least one synthetic and one training image")
     # 1. feature nearest neighbours
@@ -78,8 +83,8 @@ def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_pat
     sim_feat = cos[np.arange(len(cos)), nn_feat]
 
     # 2. SSIM nearest neighbours among the feature candidates (or all training images)
-    fake_px = load_gray_stack(fake_paths, ssim_size)
-    train_px = load_gray_stack(train_paths, ssim_size)
+    fake_px = load_gray_stack(fake_paths, ssim_size, images)
+    train_px = load_gray_stack(train_paths, ssim_size, images)
     k = len(train_paths) if ssim_candidates <= 0 else min(ssim_candidates, len(train_paths))
     candidates = np.argsort(-cos, axis=1)[:, :k]
     nn_ssim = np.zeros(len(fake_paths), dtype=np.int64)
@@ -103,7 +108,8 @@ def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_pat
     if pairs_dir is not None:
         for rank, pair in enumerate(top, 1):
             name = f"pair_{rank:02d}_ssim{pair['ssim']:.3f}_cos{pair['feature_cosine']:.3f}.png"
-            pair["image"] = str(save_pair(Path(pair["synthetic"]), Path(pair["nearest_by_ssim"]), Path(pairs_dir) / name))
+            pair["image"] = str(save_pair(Path(pair["synthetic"]), Path(pair["nearest_by_ssim"]), Path(pairs_dir) / name,
+                                              images=images))
     flagged = [p for p in pairs if p["flagged"]]
     return {
         "n_synthetic": len(fake_paths), "n_train": len(train_paths),

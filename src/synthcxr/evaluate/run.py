@@ -78,6 +78,9 @@ class EvaluateConfig(StrictModel):
     """Cache features by image content hash, so a re-evaluation computes only new images."""
     cache_dir: Path | None = None
     """Default: $SYNTHCXR_CACHE_DIR or ~/.cache/synthcxr."""
+    image_cache_mb: int = Field(1536, ge=0)
+    """Memory for decoded images kept during one run, so each file is decoded once for all metrics
+    (native-size uint8, least recently used dropped first; 0 = decode again for every metric)."""
     on_error: Literal["fail", "skip"] = "fail"
     """Unreadable images: list them all and stop (fail), or leave them out with a warning (skip)."""
     seed: int = 0
@@ -93,6 +96,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from synthcxr.evaluate.diversity import within_set_msssim
     from synthcxr.evaluate.features import FeatureCache, build_extractor, default_cache_dir, extract_features
     from synthcxr.evaluate.fidelity import fidelity_metrics
+    from synthcxr.evaluate.imagecache import DecodedImageCache
     from synthcxr.evaluate.images import load_gray_stack, read_image_set
     from synthcxr.evaluate.memorization import memorization_check
     from synthcxr.evaluate.utility import utility_check
@@ -101,6 +105,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     warnings: list[str] = []
     skipped: dict[str, str] = {}
+    images = DecodedImageCache(cfg.image_cache_mb * 2**20) if cfg.image_cache_mb > 0 else None
 
     # 1. image sets
     sets = {"real": read_image_set(cfg.real, "real"), "fake": read_image_set(cfg.fake, "fake")}
@@ -130,7 +135,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     continue
                 image_set = train_set if role == "train" else sets[role]
                 res = extract_features(image_set.paths, extractor, cache, batch_size=cfg.extractor.batch_size,
-                                       on_error=cfg.on_error, description=f"{role} features",
+                                       on_error=cfg.on_error, description=f"{role} features", images=images,
                                        num_workers=cfg.extractor.num_workers)
                 if res.problems:
                     warnings.append(f"{role}: left out {len(res.problems)} unreadable image(s)")
@@ -166,7 +171,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if "diversity" in cfg.metrics:
         t0 = time.perf_counter()
         dc = cfg.diversity
-        div = {role: within_set_msssim(load_gray_stack(sets[role].paths, dc.image_size), dc.pairs, cfg.seed,
+        div = {role: within_set_msssim(load_gray_stack(sets[role].paths, dc.image_size, images), dc.pairs, cfg.seed,
                                        role="synthetic" if role == "fake" else "real")
                for role in ("fake", "real")}
         results["diversity"] = {"image_size": dc.image_size, "synthetic": div["fake"], "real": div["real"],
@@ -183,7 +188,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["memorization"] = memorization_check(
             feats["fake"], feats["train"], sets["fake"].paths, train_set.paths, ssim_size=mc.ssim_size,
             ssim_candidates=mc.ssim_candidates, feature_threshold=mc.feature_threshold,
-            ssim_threshold=mc.ssim_threshold, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None)
+            ssim_threshold=mc.ssim_threshold, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None,
+            images=images)
         results["memorization"]["train_source"] = "train" if cfg.train is not None else "real"
         if results["memorization"]["n_flagged"]:
             warnings.append(f"memorization: {results['memorization']['n_flagged']} synthetic image(s) are near copies "
@@ -203,13 +209,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             results["utility"] = utility_check(
                 labelled, sets["test"].items if "test" in sets else None, sets["fake"].items, cfg.utility,
                 device=resolve_device(cfg.extractor.device), seed=cfg.seed,
-                split_path=cfg.out.with_name(f"{cfg.out.stem}_split.json"))
+                split_path=cfg.out.with_name(f"{cfg.out.stem}_split.json"), images=images)
         timings["utility"] = time.perf_counter() - t0
 
     for metric, reason in skipped.items():
         warnings.append(f"{metric} skipped: {reason}")
     timings["total"] = time.perf_counter() - started
-    results.update({"skipped": skipped, "warnings": warnings, "timings_s": timings})
+    results.update({"skipped": skipped, "warnings": warnings, "timings_s": timings,
+                    "image_cache": images.stats() if images is not None else None})
     # 7. one JSON, written atomically
     atomic_write_json(cfg.out, results)
     for w in warnings:

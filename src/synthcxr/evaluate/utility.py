@@ -20,6 +20,7 @@ from pydantic import Field
 
 from synthcxr.config import StrictModel
 from synthcxr.errors import EvaluationError, ModelError
+from synthcxr.evaluate.imagecache import DecodedImageCache
 from synthcxr.evaluate.images import ImageItem, load_gray_stack
 from synthcxr.fileio import atomic_write_json
 from synthcxr.logging_utils import get_logger, progress_bar
@@ -163,8 +164,12 @@ def _need_both_classes(y: np.ndarray, what: str, attr: str) -> None:
 
 
 def utility_check(train_items: list[ImageItem], test_items: list[ImageItem] | None, fake_items: list[ImageItem],
-                  cfg: UtilityConfig, *, device: str, seed: int, split_path: Path | None) -> dict[str, Any]:
-    """AUC of real / synthetic / both-trained classifiers on real test images, and conditioning fidelity."""
+                  cfg: UtilityConfig, *, device: str, seed: int, split_path: Path | None,
+                  images: DecodedImageCache | None = None) -> dict[str, Any]:
+    """AUC of real / synthetic / both-trained classifiers on real test images, and conditioning fidelity.
+
+    `images` is the run's decoded-image cache (files already decoded for other metrics are not decoded again).
+    """
     # 1. real train/test at patient level (saved, so the numbers can be reproduced)
     train_items, _ = _targets(train_items, "label")
     if test_items is None:
@@ -190,9 +195,9 @@ def utility_check(train_items: list[ImageItem], test_items: list[ImageItem] | No
     _need_both_classes(y_te, "the real test set", "label")
 
     size = cfg.image_size
-    x_tr = load_gray_stack([it.path for it in tr_items], size)
-    x_te = load_gray_stack([it.path for it in te_items], size)
-    x_fk = load_gray_stack([it.path for it in fk_items], size)
+    x_tr = load_gray_stack([it.path for it in tr_items], size, images)
+    x_te = load_gray_stack([it.path for it in te_items], size, images)
+    x_fk = load_gray_stack([it.path for it in fk_items], size, images)
 
     # 2. three classifiers, one real test set
     results: dict[str, Any] = {"split": {"source": split_source, "file": str(split_path) if split_path else None,
@@ -216,7 +221,7 @@ def utility_check(train_items: list[ImageItem], test_items: list[ImageItem] | No
     if len(y_fk):
         results["conditioning"] = {"label": _agreement(predict(nets["real"], x_fk, device), y_fk, "label")}
     if cfg.sex:
-        results.setdefault("conditioning", {})["sex"] = _sex_agreement(train_items, fake_items, cfg, device, seed)
+        results.setdefault("conditioning", {})["sex"] = _sex_agreement(train_items, fake_items, cfg, device, seed, images)
     return results
 
 
@@ -230,11 +235,12 @@ def _agreement(prob: np.ndarray, y: np.ndarray, attr: str) -> dict[str, Any]:
     return out
 
 
-def _sex_agreement(train_items: list[ImageItem], fake_items: list[ImageItem], cfg: UtilityConfig, device: str, seed: int) -> dict[str, Any]:
+def _sex_agreement(train_items: list[ImageItem], fake_items: list[ImageItem], cfg: UtilityConfig, device: str, seed: int,
+                   images: DecodedImageCache | None = None) -> dict[str, Any]:
     tr_items, y_tr = _targets(train_items, "sex")
     fk_items, y_fk = _targets(fake_items, "sex")
     if len(y_fk) == 0 or len(y_tr) < 4 or y_tr.sum() < 2 or len(y_tr) - y_tr.sum() < 2:
         return {"skipped": "sex is not known for enough real training images and synthetic images"}
-    net = train_classifier(load_gray_stack([it.path for it in tr_items], cfg.image_size), y_tr, cfg, device, seed, "sex")
-    prob = predict(net, load_gray_stack([it.path for it in fk_items], cfg.image_size), device)
+    net = train_classifier(load_gray_stack([it.path for it in tr_items], cfg.image_size, images), y_tr, cfg, device, seed, "sex")
+    prob = predict(net, load_gray_stack([it.path for it in fk_items], cfg.image_size, images), device)
     return _agreement(prob, y_fk, "sex")
