@@ -303,3 +303,53 @@ def test_cli_generate_from_a_run_without_prompt_uses_the_runs_prompt(tiny_model_
     main(["generate", "--model", str(run), "--n", "1", "--steps", "1", "--out", str(out)])
     rows = read_jsonl(out / MANIFEST)
     assert [r["prompt"] for r in rows] == ["a sks chest x-ray"]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_second_writer_on_the_same_folder_fails_at_once_and_a_crash_frees_it(tiny_model_dir, tiny_pipe, tmp_path,
+                                                                              capsys):
+    import subprocess
+    import sys
+    import time
+
+    from synthcxr.cli import main
+    from synthcxr.generate.lock import LOCK_FILE, OutputBusyError
+
+    out = tmp_path / "out"
+    generate_images(cfg_for(tiny_model_dir, out, n=2), pipe=tiny_pipe)
+    assert not (out / LOCK_FILE).exists()  # a finished run leaves only its outputs
+    before = _snapshot(out)
+    # another process holds the folder, as a running `synthcxr generate` does
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from synthcxr.generate.lock import output_lock\n"
+         f"with output_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        after_lock = _snapshot(out)
+        started = time.monotonic()
+        with pytest.raises(OutputBusyError, match="another `synthcxr generate` is writing") as err:
+            generate_images(cfg_for(tiny_model_dir, out, n=4))  # no pipe: fails before loading the model
+        assert time.monotonic() - started < 5
+        assert err.value.file == out and str(out) in str(err.value) and "--out" in str(err.value)
+        assert _snapshot(out) == after_lock and {*after_lock} == {*before, LOCK_FILE}
+        with pytest.raises(SystemExit) as exit_info:  # the CLI prints the message, no traceback
+            main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--steps", "2", "--out", str(out)])
+        assert exit_info.value.code != 0
+        printed = capsys.readouterr().err
+        assert "is writing into this output folder" in printed and "Traceback" not in printed
+        assert _snapshot(out) == after_lock
+        # the holder crashes: the kernel drops its lock and the next run resumes the folder
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK_FILE).exists()  # left by the crash; harmless
+    rows = []
+    generate_images(cfg_for(tiny_model_dir, out, n=4), pipe=tiny_pipe, on_image=rows.append)
+    assert [r["index"] for r in rows] == [2, 3]
+    now = _snapshot(out)
+    assert all(now[name] == before[name] for name in ("00000.png", "00001.png"))  # finished images untouched
+    assert not (out / LOCK_FILE).exists()

@@ -6,7 +6,9 @@ Guarantees a user relies on:
 - an interrupted run continues where it stopped: each file is written atomically and its manifest
   line appended after it, so a listed file is complete; listed files whose sha256 matches are skipped;
 - nothing a user made is overwritten: a folder holding another generation's manifest, or images
-  this run did not write, is refused with a clear message.
+  this run did not write, is refused with a clear message;
+- one generation writes into a folder at a time: a second one started on the same folder fails at
+  once (an flock on `OUT/.lock`, released by the kernel even when a run crashes).
 """
 
 from __future__ import annotations
@@ -140,25 +142,36 @@ def generate_images(
     `pipe` reuses an already loaded pipeline (its scheduler is replaced); `on_image(row)` is called
     after each image's file and manifest line are on disk (progress hooks, tests).
     """
-    import torch
-
-    from synthcxr.generate.export import EXPORTERS, Provenance, provenance_time
-    from synthcxr.generate.manifest import ManifestState, plan_rows
+    from synthcxr.generate.export import EXPORTERS
+    from synthcxr.generate.lock import output_lock
     from synthcxr.generate.prompts import plan_jobs
-    from synthcxr.generate.schedulers import make_scheduler
-    from synthcxr.logging_utils import progress_bar
-    from synthcxr.models.load import load_pipeline
 
     # 1. check inputs and choose device/precision before any heavy work
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    on_gpu = device.startswith("cuda")
     jobs = plan_jobs(cfg)
     exporter = EXPORTERS[cfg.format]
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("output path exists and is a file", file=out, fix="pass a folder for --out")
 
+    # one writer per folder: a second generate into it fails here, before loading a model
+    with output_lock(out):
+        return _generate(cfg, pipe, on_image, out=out, device=device, dtype=dtype, jobs=jobs, exporter=exporter)
+
+
+def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]], None] | None, *, out: Path,
+              device: str, dtype: Any, jobs: list[Any], exporter: Any) -> Path:
+    """The body of `generate_images`, run while holding the output folder's lock."""
+    import torch
+
+    from synthcxr.generate.export import Provenance, provenance_time
+    from synthcxr.generate.manifest import ManifestState, plan_rows
+    from synthcxr.generate.schedulers import make_scheduler
+    from synthcxr.logging_utils import progress_bar
+    from synthcxr.models.load import load_pipeline
+
+    on_gpu = device.startswith("cuda")
     # 2. load the model (unless given) and set the sampler
     if pipe is None:
         pipe = load_pipeline(cfg.model, torch_dtype=dtype, device=device, prediction_type=cfg.prediction_type,

@@ -1,0 +1,81 @@
+"""One writer per output folder: two generations appending to the same `manifest.jsonl` would
+interleave their lines and each would take the other's images for its own.
+
+The lock is an `flock` on `OUT/.lock`, so the kernel releases it when the process ends, crashed or
+not: a stale lock never blocks the next run. A second writer fails at once instead of waiting,
+because a generation can run for hours and a silent wait looks like a hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from synthcxr.errors import ConfigError
+
+LOCK_FILE = ".lock"
+_ATTEMPTS = 20
+
+
+class OutputBusyError(ConfigError):
+    """Another process holds the output folder's lock."""
+
+
+def _open_locked(out: Path) -> tuple[int, bool]:
+    """Open and lock `out/.lock`; return (fd, whether this call created `out`)."""
+    lock_path = out / LOCK_FILE
+    created = False
+    for _ in range(_ATTEMPTS):
+        if not out.is_dir():
+            out.mkdir(parents=True, exist_ok=True)
+            created = True
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the folder was removed by a writer that gave up; make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputBusyError(
+                    "another `synthcxr generate` is writing into this output folder", file=out,
+                    fix="wait for it to finish (re-running then resumes and skips its images), "
+                    "or choose another output folder (--out)",
+                ) from None
+            raise
+        # the previous holder unlinks the file before releasing it: a lock on an unlinked file
+        # guards nothing, so try again with the file now at that path
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise OutputBusyError("could not take the output folder's lock (it keeps being replaced)", file=out,
+                          fix="check that no other program is creating and removing files in this folder")
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold the exclusive lock on output folder `out` (created if missing) for the `with` block.
+
+    On exit the lock file is removed, and so is `out` when this call created it and nothing else
+    was written there (a run that failed before its first file leaves no empty folder behind).
+    """
+    out = Path(out)
+    fd, created = _open_locked(out)
+    try:
+        yield out
+    finally:
+        try:
+            os.unlink(out / LOCK_FILE)  # still held: a waiter that opened it sees the inode change
+            if created:
+                out.rmdir()  # only when empty
+        except OSError:
+            pass
+        os.close(fd)
