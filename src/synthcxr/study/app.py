@@ -29,6 +29,7 @@ from synthcxr.study.questions import (
     QuestionsConfig,
     parse_answer,
 )
+from synthcxr.study.ratelimit import AttemptLimiter
 from synthcxr.study.security import database_secret, hash_token, new_token, same
 from synthcxr.study.settings import StudySettings, load_settings
 
@@ -126,15 +127,33 @@ def _render_pre(request: Request, name: str, **ctx) -> HTMLResponse:
     return response
 
 
-def _start_session(request: Request, db: Session, response: Response, *, reader_id: int | None, is_admin: bool) -> None:
+def _start_session(request: Request, db: Session, response: Response, *, reader_id: int | None, is_admin: bool,
+                   not_after: dt.datetime | None = None) -> None:
+    """`not_after` caps the session (an admin session ends when the token it came from expires)."""
     settings: StudySettings = request.app.state.settings
     token = new_token()
+    now = utcnow()
+    expires = now + dt.timedelta(days=settings.session_days)
+    if not_after is not None:
+        expires = min(expires, not_after)
     db.add(WebSession(token_hash=hash_token(request.app.state.secret, "session:" + token), csrf_token=new_token(),
-                      reader_id=reader_id, is_admin=is_admin,
-                      expires_at=utcnow() + dt.timedelta(days=settings.session_days)))
+                      reader_id=reader_id, is_admin=is_admin, expires_at=expires))
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=settings.secure_cookies,
-                        max_age=int(settings.session_days * 86400), path="/")
+                        max_age=max(1, int((expires - now).total_seconds())), path="/")
     response.delete_cookie(PRE_CSRF_COOKIE, path="/")
+
+
+def _client_key(request: Request) -> str:
+    """The client address (uvicorn resolves X-Forwarded-For only from trusted proxies)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _check_not_blocked(request: Request) -> None:
+    """Refuse every token attempt from a client with too many recent failures (HTTP 429)."""
+    wait = request.app.state.limiter.retry_after(_client_key(request))
+    if wait is not None:
+        raise HTTPException(429, f"Too many wrong tokens or links from this address. Try again in {wait} seconds.",
+                            headers={"Retry-After": str(wait)})
 
 
 def _own_task(db: Session, ws: WebSession, public_id: str) -> Task:
@@ -155,6 +174,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     app = FastAPI(title="synthcxr reader study", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.sessions = session_factory(settings.db)
+    app.state.limiter = AttemptLimiter(settings.login_attempts, settings.login_window_minutes * 60)
     with app.state.sessions() as s:
         app.state.secret = database_secret(s, settings.secret)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -173,8 +193,12 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code in (301, 302, 303, 307):
             return RedirectResponse(exc.headers["location"], exc.status_code)
-        return _render(request, "message.html", status_code=exc.status_code, title=f"Error {exc.status_code}",
-                       message=str(exc.detail), admin_login=exc.status_code == 401 and request.url.path.startswith("/admin"))
+        response = _render(request, "message.html", status_code=exc.status_code, title=f"Error {exc.status_code}",
+                           message=str(exc.detail),
+                           admin_login=exc.status_code == 401 and request.url.path.startswith("/admin"))
+        for key, value in (exc.headers or {}).items():  # e.g. Retry-After on 429
+            response.headers[key] = value
+        return response
 
     # -- public --------------------------------------------------------------------------------------
 
@@ -191,9 +215,11 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
         return _render(request, "message.html", title="Reader study",
                        message="Please open the personal invite link you received to start or continue reading.")
 
-    def _invited_reader(db: Session, token: str) -> Reader:
+    def _invited_reader(request: Request, db: Session, token: str) -> Reader:
+        _check_not_blocked(request)
         reader = db.scalar(select(Reader).where(Reader.invite_hash == hash_token(app.state.secret, "invite:" + token)))
         if reader is None or reader.invite_used_at is not None:
+            app.state.limiter.failed(_client_key(request))
             raise HTTPException(404, "This invite link is not valid or has already been used. "
                                      "If you already started, go to /read in the same browser; "
                                      "otherwise ask the study admin for a new link.")
@@ -201,7 +227,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
 
     @app.get("/invite/{token}", response_class=HTMLResponse)
     def invite_page(request: Request, token: str, db: SessionDep) -> Response:
-        reader = _invited_reader(db, token)
+        reader = _invited_reader(request, db, token)
         q = QuestionsConfig.model_validate(reader.study.questions)
         done, total = service.progress(db, reader.id)
         return _render_pre(request, "invite.html", token=token, questions=q, total=total, done=done)
@@ -209,7 +235,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     @app.post("/invite/{token}")
     def invite_accept(request: Request, token: str, db: SessionDep, csrf_token: Annotated[str, Form()] = "") -> Response:
         check_pre_csrf(request, csrf_token)
-        reader = _invited_reader(db, token)
+        reader = _invited_reader(request, db, token)
         # consume the link atomically: of two simultaneous clicks only one gets a session
         used = db.execute(
             update(Reader).where(Reader.id == reader.id, Reader.invite_used_at.is_(None))
@@ -292,11 +318,15 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     def admin_login(request: Request, db: SessionDep, token: Annotated[str, Form()] = "",
                     csrf_token: Annotated[str, Form()] = "") -> Response:
         check_pre_csrf(request, csrf_token)
+        _check_not_blocked(request)
         row = db.scalar(select(AdminToken).where(AdminToken.token_hash == hash_token(app.state.secret, "admin:" + token.strip())))
-        if row is None or row.revoked:
-            raise HTTPException(403, "Wrong admin token. Use the one printed by `synthcxr study serve` or `study create`.")
+        expires = service.admin_token_expires(row, settings.admin_token_days) if row is not None else None
+        if row is None or row.revoked or expires <= utcnow():
+            app.state.limiter.failed(_client_key(request))
+            raise HTTPException(403, "Wrong, expired or revoked admin token. `synthcxr study serve --new-admin-token` "
+                                     "or `synthcxr study admin-token` prints a new one.")
         response = RedirectResponse("/admin", 303)
-        _start_session(request, db, response, reader_id=None, is_admin=True)
+        _start_session(request, db, response, reader_id=None, is_admin=True, not_after=expires)
         db.commit()
         return response
 

@@ -1,4 +1,5 @@
-"""`synthcxr study ...`: create, serve, add-reader, reissue, status, export, analyze, simulate."""
+"""`synthcxr study ...`: create, serve, add-reader, reissue, admin-token, revoke-admin-tokens, status, export,
+analyze, simulate."""
 
 from __future__ import annotations
 
@@ -63,16 +64,25 @@ def create(
 def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for the whole network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port.")] = 8000,
+    new_admin_token: Annotated[bool, typer.Option("--new-admin-token", help="Print a new admin token even if one is still valid.")] = False,
+    revoke_old: Annotated[bool, typer.Option("--revoke-old", help="Revoke every older admin token and admin session, print a new token.")] = False,
     db: DbOpt = None,
 ) -> None:
-    """Run the reader web app; prints a fresh admin token."""
+    """Run the reader web app. Prints an admin token only when none is valid (or when asked to)."""
     from synthcxr.study.server import serve as run_server
-    from synthcxr.study.service import ensure_db, new_admin_token
+    from synthcxr.study.service import active_admin_token_expiry, ensure_db, serve_admin_token
 
     settings = _settings(db)
     ensure_db(settings.db)
-    token = new_admin_token(settings.db)
-    typer.echo(f"Admin sign-in: http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/admin/login  token: {token}")
+    login = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/admin/login"
+    token = serve_admin_token(settings.db, new=new_admin_token, revoke_old=revoke_old,
+                              valid_days=settings.admin_token_days)
+    if token is not None:
+        typer.echo(f"Admin sign-in: {login}  token (valid {settings.admin_token_days:g} days, keep it secret): {token}")
+    else:
+        expiry = active_admin_token_expiry(settings.db, settings.admin_token_days)
+        typer.echo(f"Admin sign-in: {login}  with the admin token printed before (valid until "
+                   f"{expiry:%Y-%m-%d %H:%M} UTC; --new-admin-token prints another, --revoke-old replaces all)")
     run_server(settings, host=host, port=port)
 
 
@@ -105,11 +115,23 @@ def reissue(
 
 
 @app.command("admin-token")
-def admin_token(db: DbOpt = None) -> None:
-    """Print a new admin sign-in token."""
+def admin_token(
+    revoke_old: Annotated[bool, typer.Option("--revoke-old", help="Revoke every older admin token and admin session.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Print a new admin sign-in token (valid SYNTHCXR_STUDY_ADMIN_TOKEN_DAYS days, default 7)."""
     from synthcxr.study.service import new_admin_token
 
-    typer.echo(new_admin_token(_settings(db).db))
+    typer.echo(new_admin_token(_settings(db).db, revoke_old=revoke_old))
+
+
+@app.command("revoke-admin-tokens")
+def revoke_admin_tokens_cmd(db: DbOpt = None) -> None:
+    """Invalidate every admin token and sign out every admin (readers are not affected)."""
+    from synthcxr.study.service import revoke_admin_tokens
+
+    n = revoke_admin_tokens(_settings(db).db)
+    typer.echo(f"{n} admin token(s) revoked; `synthcxr study serve` or `synthcxr study admin-token` prints a new one")
 
 
 @app.command("status")

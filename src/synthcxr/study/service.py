@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -157,13 +157,66 @@ def _add_reader(session: Session, study: Study, reader_name: str, secret: str) -
     return token
 
 
-def new_admin_token(db_url: str) -> str:
-    """A new admin login token (several may be valid; `study serve` prints a fresh one)."""
+def admin_token_days() -> float:
+    """How long admin tokens stay valid (`SYNTHCXR_STUDY_ADMIN_TOKEN_DAYS`, default 7)."""
+    from synthcxr.study.settings import load_settings
+
+    return load_settings().admin_token_days
+
+
+def admin_token_expires(token: AdminToken, valid_days: float) -> dt.datetime:
+    """Expiry is computed from the creation time, so changing the setting applies to every token."""
+    return token.created_at + dt.timedelta(days=valid_days)
+
+
+def _active_admin_tokens(session: Session, valid_days: float) -> list[AdminToken]:
+    cutoff = db.utcnow() - dt.timedelta(days=valid_days)
+    return list(session.scalars(select(AdminToken).where(AdminToken.revoked.is_(False), AdminToken.created_at > cutoff)
+                                .order_by(AdminToken.created_at)))
+
+
+def active_admin_token_expiry(db_url: str, valid_days: float | None = None) -> dt.datetime | None:
+    """When the last still-valid admin token expires (UTC), or None when no token is valid."""
+    ensure_db(db_url)
+    days = admin_token_days() if valid_days is None else valid_days
+    with session_scope(db_url) as session:
+        active = _active_admin_tokens(session, days)
+        return admin_token_expires(active[-1], days) if active else None
+
+
+def _revoke_admin(session: Session) -> int:
+    """Revoke every admin token and end every admin browser session; returns the tokens revoked."""
+    revoked = session.execute(update(AdminToken).where(AdminToken.revoked.is_(False)).values(revoked=True)).rowcount
+    session.execute(delete(db.WebSession).where(db.WebSession.is_admin.is_(True)))
+    return revoked
+
+
+def new_admin_token(db_url: str, revoke_old: bool = False) -> str:
+    """A new admin sign-in token (stored only as a keyed hash). With `revoke_old`, every older token
+    and every signed-in admin session stops working in the same transaction."""
     ensure_db(db_url)
     token = new_token()
     with session_scope(db_url) as session:
+        if revoke_old:
+            n = _revoke_admin(session)
+            log.info("revoked %d older admin token(s)", n)
         session.add(AdminToken(token_hash=hash_token(secret_for(session), "admin:" + token)))
     return token
+
+
+def revoke_admin_tokens(db_url: str) -> int:
+    """Revoke every admin token and admin session (a leaked token is useless afterwards)."""
+    ensure_db(db_url)
+    with session_scope(db_url) as session:
+        return _revoke_admin(session)
+
+
+def serve_admin_token(db_url: str, *, new: bool = False, revoke_old: bool = False,
+                      valid_days: float | None = None) -> str | None:
+    """What `study serve` prints: a new token only when none is valid or one is asked for."""
+    if new or revoke_old or active_admin_token_expiry(db_url, valid_days) is None:
+        return new_admin_token(db_url, revoke_old=revoke_old)
+    return None
 
 
 def create_study(
@@ -255,7 +308,7 @@ def create_study(
             session.flush()
             for reader_name in reader_names:
                 invites[reader_name] = invite_url(base_url, _add_reader(session, study, reader_name, secret))
-            if not session.scalar(select(func.count()).select_from(AdminToken)):
+            if not _active_admin_tokens(session, admin_token_days()):
                 admin_token = new_token()
                 session.add(AdminToken(token_hash=hash_token(secret, "admin:" + admin_token)))
     except IntegrityError as exc:

@@ -33,6 +33,26 @@ class StudySettings(StrictModel):
     """Public address readers use; invite links are printed with it."""
     session_days: float = 30.0
     """How long a reader's browser session stays valid (readers may pause for days)."""
+    admin_token_days: float = 7.0
+    """How long an admin token stays valid after it is made (admin sessions end with it)."""
+    login_attempts: int = 10
+    """Failed admin-token or invite-link attempts allowed per client address per window; 0 = no limit."""
+    login_window_minutes: float = 15.0
+    """The window for `login_attempts`; a blocked client gets HTTP 429 with Retry-After."""
+
+    @field_validator("session_days", "admin_token_days", "login_window_minutes")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    @field_validator("login_attempts")
+    @classmethod
+    def _attempts(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (no limit) or more")
+        return value
 
     @field_validator("db")
     @classmethod
