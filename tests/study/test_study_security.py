@@ -96,6 +96,19 @@ def test_guessed_invite_links_are_limited_too(study):
     sign_in_reader(TestClient(client.app, client=("10.9.9.9", 1)), study.invites["reader-1"])
 
 
+def test_start_button_posts_the_token_in_the_body(study):
+    client = _client(study, login_attempts=2)
+    page = client.get(invite_path(study.invites["reader-1"]))
+    token = study.invites["reader-1"].rsplit("/", 1)[1]
+    assert client.post("/invite", data={"csrf_token": csrf_of(page.text), "token": "guess"}).status_code == 404
+    resp = client.post("/invite", data={"csrf_token": csrf_of(page.text), "token": token}, follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"] == "/read"
+    assert "Image 1 of" in client.get("/read").text
+    page = client.get(invite_path(study.invites["reader-2"]))  # one failure so far: still allowed
+    assert client.post("/invite", data={"csrf_token": csrf_of(page.text), "token": token}).status_code == 404
+    assert client.get(invite_path(study.invites["reader-2"])).status_code == 429  # spent link counted too
+
+
 def test_rate_limit_settings_come_from_the_environment(monkeypatch):
     from synthcxr.errors import SynthCXRError
     from synthcxr.study.settings import load_settings
@@ -243,12 +256,17 @@ def test_access_log_of_the_real_server_has_no_invite_tokens(study, capfd):
             with httpx.Client(base_url=base, follow_redirects=True) as http:
                 page = http.get(invite_path(link))
                 assert page.status_code == 200
-                resp = http.post(invite_path(link), data={"csrf_token": csrf_of(page.text)})
+                # the Start button posts the token in the body, not the path
+                assert 'action="/invite"' in page.text
+                resp = http.post("/invite", data={"csrf_token": csrf_of(page.text), "token": token})
                 assert resp.status_code == 200 and "Image 1 of" in resp.text
+                # an older page posting to the token path is redacted as well
+                spent = http.post(invite_path(link), data={"csrf_token": csrf_of(page.text)})
+                assert spent.status_code in (403, 404)  # pre-sign-in CSRF cookie is gone by now
         finally:
             logging.getLogger("uvicorn.access").removeHandler(capture)
     out = capfd.readouterr()
     logged = "\n".join(capture.messages)
-    assert logged.count("/invite/[redacted]") == 2 and "GET /read" in logged
+    assert logged.count("/invite/[redacted]") == 2 and '"POST /invite HTTP/1.1" 303' in logged and "GET /read" in logged
     assert token not in logged and token not in out.out and token not in out.err
     assert "/invite/[redacted]" in out.out + out.err  # the access log itself was written, redacted
