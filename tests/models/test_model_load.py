@@ -4,6 +4,7 @@ v-prediction, and a training run directory (base model + LoRA)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -288,3 +289,58 @@ def test_run_directory_with_full_pipeline(tiny_model_dir, tmp_path):
                                                   "lora": None}))
     pipe = load_pipeline(run)
     assert pipe.unet.config.sample_size == 32
+
+
+def test_saving_a_model_shows_no_library_progress_bars(tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    from synthcxr.models.tiny import make_tiny_model
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a fresh process (loading a model turns them off)
+    try:
+        make_tiny_model(tmp_path / "m", sample_size=32)
+        assert "Writing model shards" not in capsys.readouterr().err
+        assert transformers_logging.is_progress_bar_enabled()  # switched back on after the save
+    finally:
+        if not was_on:
+            transformers_logging.disable_progress_bar()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_unet_only_lora_loads_without_the_text_encoder_warning(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    run = _write_lora_run(tmp_path / "run", tiny_model_dir)
+    records = _Records()
+    lora_base = logging.getLogger("diffusers.loaders.lora_base")
+    lora_base.addHandler(records)
+    try:
+        load_pipeline(run)
+        assert not [m for m in records.messages if m.startswith("No LoRA keys")]
+        # only that message, and only for a UNet-only file: other warnings, and files with text
+        # encoder keys (where a missing match would be a real problem), still report
+        text_file = tmp_path / "both.safetensors"
+        save_file({"unet.a.lora_A.weight": torch.zeros(1), "text_encoder.b.lora_A.weight": torch.zeros(1)},
+                  str(text_file))
+        unet_file = run / "final" / "pytorch_lora_weights.safetensors"
+        warning = "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'."
+        for lora_file, shown in ((unet_file, False), (text_file, True)):
+            records.messages.clear()
+            with load_mod._unet_only_lora_quiet(lora_file):
+                lora_base.warning(warning)
+                lora_base.warning("something else about this LoRA")
+            assert (warning in records.messages) is shown
+            assert "something else about this LoRA" in records.messages
+        lora_base.warning(warning)  # the filter is gone after the load
+        assert records.messages[-1] == warning
+    finally:
+        lora_base.removeHandler(records)

@@ -8,9 +8,12 @@ network we fail at once (no long retries) and say to pass a local path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +160,8 @@ def load_pipeline(
             raise ModelError("LoRA weights listed by the run are missing", file=source.lora,
                              fix="re-export the run's final weights (resume training)")
         try:
-            pipe.load_lora_weights(str(source.lora.parent), weight_name=source.lora.name)
+            with _unet_only_lora_quiet(source.lora):
+                pipe.load_lora_weights(str(source.lora.parent), weight_name=source.lora.name)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelError(f"could not apply the run's LoRA weights: {exc}", file=source.lora,
                              fix="check that the run's base_model is the model the LoRA was trained on") from exc
@@ -189,6 +193,74 @@ def _quiet_loading() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+
+
+@contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """Hide diffusers'/transformers' tqdm bars (e.g. "Writing model shards") inside the block.
+
+    Saving a model is one step that our own logs report; the libraries' per-shard bars only clutter
+    the output. The previous on/off state is restored afterwards.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was_on = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in was_on:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in was_on:
+            lib.enable_progress_bar()
+
+
+LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft")
+"""diffusers modules that report a LoRA file without keys for one of the pipeline's models."""
+
+
+class _DropNoTextEncoderKeys(logging.Filter):
+    """Drops diffusers' "No LoRA keys associated to CLIPTextModel ... prefix='text_encoder'" warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("No LoRA keys associated to") and "text_encoder" in text)
+
+
+@contextmanager
+def _unet_only_lora_quiet(lora_file: Path) -> Iterator[None]:
+    """Load a UNet-only LoRA without diffusers warning that the text encoder got no LoRA keys.
+
+    Training a LoRA on the UNet alone is the default, so that warning would print on every load;
+    it is dropped only when the file holds UNet keys and nothing else (then it is certainly
+    harmless). Every other message, including one about missing UNet keys, still shows.
+    """
+    if not _only_unet_keys(lora_file):
+        yield
+        return
+    drop = _DropNoTextEncoderKeys()
+    loggers = [logging.getLogger(name) for name in LORA_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def _only_unet_keys(lora_file: Path) -> bool:
+    """True when a .safetensors LoRA file has only `unet.*` keys (read from its header, no tensors)."""
+    if lora_file.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(lora_file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # not readable here: let diffusers load it and report any problem itself
+        return False
+    return bool(keys) and all(key.startswith("unet.") for key in keys)
 
 
 def _load_single_file(pipeline_cls, path: str, config: str | os.PathLike | None, kwargs: dict[str, Any]):

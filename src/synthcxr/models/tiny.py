@@ -131,9 +131,12 @@ def build_tiny_pipeline(
 
 def make_tiny_model(out_dir: str | Path, *, sample_size: int = 64, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder that `load_pipeline` reads."""
+    from synthcxr.models.load import library_progress_bars_off
+
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(sample_size=sample_size, prediction_type=prediction_type, seed=seed)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    with library_progress_bars_off():
+        pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "synthcxr_tiny.json").write_text(
         json.dumps({"sample_size": sample_size, "prediction_type": prediction_type, "seed": seed,
                     "note": "random weights; for tests and demos only"})

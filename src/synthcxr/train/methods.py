@@ -77,7 +77,10 @@ def pipeline_for(models: Models):
 
 def _export_pipeline(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Full weights: a diffusers folder that any StableDiffusionPipeline.from_pretrained loads."""
-    pipeline_for(models).save_pretrained(out_dir, safe_serialization=True)
+    from synthcxr.models.load import library_progress_bars_off
+
+    with library_progress_bars_off():
+        pipeline_for(models).save_pretrained(out_dir, safe_serialization=True)
     return {"pipeline": out_dir.name, "lora": None}
 
 
