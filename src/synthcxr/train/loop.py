@@ -708,8 +708,9 @@ def finish(session: Session) -> Path:
         if s.method.full_weights:  # export in the precision the user will load: fp32, like the base model
             import torch
 
-            unwrapped.vae.to(torch.float32)
-            unwrapped.text_encoder.to(torch.float32)
+            for module in (unwrapped.vae, unwrapped.text_encoder):
+                if module.dtype != torch.float32:  # .to() on an fp32 VAE only prints a diffusers notice
+                    module.to(torch.float32)
         export_final(s.method, unwrapped, s.run.root, s.cfg, s.base_model)
         train_rows = [r for r in read_jsonl(s.run.metrics) if r.get("kind") == "train"]
         summary = {
