@@ -13,12 +13,22 @@ Then re-evaluation: a second synthetic set against the same real set, with the r
 coming from the content-hash cache.
 
     python benchmarks/evaluate.py --n 32 --size 256 [--device cpu] [--real DIR --fake DIR]
+
+`--full-evaluate`: wall time of the whole `synthcxr evaluate` command (all metrics, fresh feature
+cache each time) with the per-run decoded-image cache on (default) and off (`image_cache_mb=0`,
+every metric decodes the files again), runs interleaved, plus how often files were decoded:
+
+    python benchmarks/evaluate.py --full-evaluate --real /work/shared/data --n 16 --size 512 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +103,40 @@ def torchmetrics_fid(real: Path, fake: Path, device: str, batch: int, default: b
     return value, time.perf_counter() - t0, which
 
 
+def make_generation(root: Path, n: int, size: int, seed: int) -> Path:
+    """`make_set` plus the manifest.jsonl `synthcxr generate` writes (label, sex), so every metric runs."""
+    make_set(root, n, size, seed)
+    rows = [{"file": f"{seed}_{i:04d}.png", "label": "tuberculosis" if i % 2 else "normal",
+             "sex": "male" if i % 4 < 2 else "female", "seed": i} for i in range(n)]
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def full_evaluate(real: Path, fake: Path, extractor: str, repeats: int, tmp: Path) -> dict:
+    """Time the `synthcxr evaluate` command with the decoded-image cache on and off (interleaved)."""
+    times: dict[str, list[float]] = {"cache_on": [], "cache_off": []}
+    report: dict[str, dict] = {}
+    for rep in range(repeats):
+        for mode in times:
+            out = tmp / f"{mode}_{rep}" / "eval.json"
+            cmd = [sys.executable, "-m", "synthcxr.cli", "evaluate", "--real", str(real), "--fake", str(fake),
+                   "--out", str(out), "--extractor", extractor,
+                   "--metrics", "fidelity,diversity,memorization,utility"]
+            if mode == "cache_off":
+                cmd += ["--set", "image_cache_mb=0"]
+            env = {**os.environ, "SYNTHCXR_CACHE_DIR": str(tmp / f"features_{mode}_{rep}")}  # features computed every run
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode:
+                sys.exit(f"synthcxr evaluate failed ({mode}):\n{proc.stderr}")
+            times[mode].append(time.perf_counter() - t0)
+            res = json.loads(out.read_text())
+            report[mode] = {"image_cache": res.get("image_cache"), "timings_s": res["timings_s"]}
+    med = {mode: statistics.median(v) for mode, v in times.items()}
+    return {"repeats": repeats, "wall_s": times, "median_s": med, "speedup": med["cache_off"] / med["cache_on"],
+            "last_run": report}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=32, help="images per set (generated when --real/--fake are absent)")
@@ -102,7 +146,22 @@ def main() -> None:
     parser.add_argument("--real", type=Path)
     parser.add_argument("--fake", type=Path)
     parser.add_argument("--torchmetrics-default", action="store_true", help="torchmetrics' own extractor (downloads weights)")
+    parser.add_argument("--full-evaluate", action="store_true", help="time the whole command, decoded-image cache on vs off")
+    parser.add_argument("--extractor", default="random", help="extractor for --full-evaluate")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode for --full-evaluate")
     args = parser.parse_args()
+
+    if args.full_evaluate:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            real = args.real or make_generation(tmp / "real", args.n, args.size, 1)
+            fake = args.fake or make_generation(tmp / "fake", args.n, args.size, 2)
+            result = full_evaluate(real, fake, args.extractor, args.repeats, tmp)
+        med = result["median_s"]
+        print(f"synthcxr evaluate, all metrics: cache on {med['cache_on']:.2f} s, off {med['cache_off']:.2f} s "
+              f"(median of {args.repeats}; {result['speedup']:.2f}x)")
+        print(json.dumps(result))
+        return
 
     import torch
 

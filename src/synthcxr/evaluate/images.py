@@ -2,7 +2,8 @@
 
 Every metric reads images through this module, so real and synthetic images are decoded and
 resized the same way (clean-fid's lesson: a metric must not see a resize difference as a quality
-difference). One decode path handles 8/16-bit grayscale, palette, RGBA and RGB files.
+difference). One decode path handles 8/16-bit grayscale, palette, RGBA and RGB files, and with the
+run's `DecodedImageCache` (`read_decoded`) each file is decoded once however many metrics read it.
 """
 
 from __future__ import annotations
