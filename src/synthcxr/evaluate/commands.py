@@ -94,6 +94,7 @@ def print_results(results: dict[str, Any], out: Path) -> None:
     if not console.is_terminal:  # files and pipes: wide enough that notes do not wrap letter by letter
         console = Console(width=140)
     console.print(table)
-    for w in results.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    if results.get("warnings"):  # each was logged above the table as it arose
+        console.print(f"[yellow]{len(results['warnings'])} warning(s)[/yellow], listed above and in the results JSON",
+                      highlight=False)
     console.print(f"results: {out}", highlight=False)
