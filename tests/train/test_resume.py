@@ -155,7 +155,7 @@ def test_sigkill_at_random_step_then_resume_is_identical(make_config, read_train
 
     from synthcxr.train.loop import train
 
-    cfg = make_config(**{**HARD, "train": {**HARD["train"], "max_steps": 6}})
+    cfg = make_config(**{**HARD, "train": {**HARD["train"], "max_steps": 8}})
     reference = train(cfg, tmp_path / "reference")
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -164,14 +164,22 @@ def test_sigkill_at_random_step_then_resume_is_identical(make_config, read_train
     proc = subprocess.Popen([sys.executable, "-m", "synthcxr", "train", str(config_file), "--out", str(run)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rng = random.Random()
-    kill_after = rng.randint(1, 4)
+    kill_after = rng.randint(2, 5)
     deadline = time.time() + 300
-    try:
-        while not (run / "checkpoints" / f"step_{kill_after:08d}").exists():
+
+    def wait_for_checkpoint(step: int) -> float:
+        while not (run / "checkpoints" / f"step_{step:08d}").exists():
             assert proc.poll() is None, "training ended before it could be killed"
             assert time.time() < deadline
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.8))  # somewhere inside the next step (or the next checkpoint write)
+            time.sleep(0.005)
+        return time.time()
+
+    try:
+        previous = wait_for_checkpoint(kill_after - 1)
+        step_time = wait_for_checkpoint(kill_after) - previous
+        # Somewhere inside the next step or its checkpoint write; scaled by the measured step time so
+        # the kill lands before the run ends on a fast machine as on a slow one.
+        time.sleep(rng.uniform(0.0, 0.9) * step_time)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
