@@ -89,3 +89,14 @@ def sign_in_admin(client, token: str) -> None:
     page = client.get("/admin/login")
     resp = client.post("/admin/login", data={"csrf_token": csrf_of(page.text), "token": token})
     assert resp.status_code == 200 and "Studies" in resp.text
+
+
+def run_cli(argv: list[str], capsys) -> str:  # noqa: ANN001 - pytest's capsys
+    """Run `synthcxr` in-process; fail with its output unless it exits 0; return stdout."""
+    from synthcxr.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr()
+    return capsys.readouterr().out

@@ -6,22 +6,15 @@ import json
 import re
 
 import pytest
+from study_helpers import run_cli
 
 from synthcxr.cli import main
-
-
-def _run(argv: list[str], capsys) -> str:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        assert exc.code in (0, None), capsys.readouterr()
-    return capsys.readouterr().out
 
 
 def test_create_status_simulate_export_analyze(tmp_path, sources, capsys, monkeypatch):
     monkeypatch.delenv("SYNTHCXR_STUDY_SECRET", raising=False)
     db = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
-    out = _run(["study", "create", "--name", "cli-study", "--real", str(sources["real"]),
+    out = run_cli(["study", "create", "--name", "cli-study", "--real", str(sources["real"]),
                 "--model", str(sources["model_b"]), "--model", f"a={tmp_path / 'runs' / 'model_a'}",
                 "--per-model", "3", "--real-count", "3", "--readers", "2", "--repeats", "1",
                 "--image-size", "32", "--finding", "--dir", str(tmp_path / "sd"), "--db", db,
@@ -30,14 +23,14 @@ def test_create_status_simulate_export_analyze(tmp_path, sources, capsys, monkey
     assert len(links) == 2 and "Admin token" in out
     assert "9 images (a 3, model_b 3, real 3), 10 per reader" in out
 
-    status = json.loads(_run(["study", "status", "cli-study", "--json", "--db", db], capsys))
+    status = json.loads(run_cli(["study", "status", "cli-study", "--json", "--db", db], capsys))
     assert [r["answered"] for r in status[0]["readers"]] == [0, 0]
-    assert "20 simulated answers added" in _run(["study", "simulate", "cli-study", "--db", db], capsys)
-    _run(["study", "export", "cli-study", "--out", str(tmp_path / "r.csv"), "--db", db], capsys)
+    assert "20 simulated answers added" in run_cli(["study", "simulate", "cli-study", "--db", db], capsys)
+    run_cli(["study", "export", "cli-study", "--out", str(tmp_path / "r.csv"), "--db", db], capsys)
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 21
-    out = _run(["study", "analyze", "cli-study", "--out", str(tmp_path / "an"), "--n-boot", "100", "--db", db], capsys)
+    out = run_cli(["study", "analyze", "cli-study", "--out", str(tmp_path / "an"), "--n-boot", "100", "--db", db], capsys)
     assert "realism" in out and (tmp_path / "an" / "realism_by_model.png").is_file()
-    link = _run(["study", "add-reader", "cli-study", "--reader-name", "dr-z", "--db", db], capsys)
+    link = run_cli(["study", "add-reader", "cli-study", "--reader-name", "dr-z", "--db", db], capsys)
     assert "/invite/" in link
 
 
@@ -60,10 +53,10 @@ def test_database_comes_from_the_environment(tmp_path, sources, capsys, monkeypa
     monkeypatch.setenv("SYNTHCXR_STUDY_DB", f"sqlite:///{tmp_path / 'env.sqlite3'}")
     monkeypatch.setenv("SYNTHCXR_STUDY_DIR", str(tmp_path / "envdir"))
     monkeypatch.setenv("SYNTHCXR_STUDY_SECRET", "s" * 40)
-    _run(["study", "create", "--name", "env-study", "--model", str(sources["model_b"]), "--per-model", "2",
+    run_cli(["study", "create", "--name", "env-study", "--model", str(sources["model_b"]), "--per-model", "2",
           "--readers", "1", "--image-size", "32"], capsys)
     assert (tmp_path / "env.sqlite3").is_file() and any((tmp_path / "envdir" / "images" / "env-study").iterdir())
-    assert "env-study: 2 images" in _run(["study", "status"], capsys)
+    assert "env-study: 2 images" in run_cli(["study", "status"], capsys)
     monkeypatch.setenv("SYNTHCXR_STUDY_DB", "mysql://x@y/z")
     with pytest.raises(SystemExit):
         main(["study", "status"])

@@ -10,9 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import select, update
-from study_helpers import csrf_of, invite_path, sign_in_admin, sign_in_reader
+from study_helpers import csrf_of, invite_path, run_cli, sign_in_admin, sign_in_reader
 
-from synthcxr.cli import main
 from synthcxr.study import service
 from synthcxr.study.db import AdminToken, WebSession, session_scope, utcnow
 from synthcxr.study.ratelimit import AttemptLimiter
@@ -187,14 +186,6 @@ def test_revoking_admin_tokens_signs_admins_out(study):
     assert "Image 1 of" in reader.get("/read").text
 
 
-def _run(argv: list[str], capsys) -> str:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        assert exc.code in (0, None), capsys.readouterr()
-    return capsys.readouterr().out
-
-
 def test_serve_prints_a_token_only_when_needed(tmp_path, capsys, monkeypatch):
     import synthcxr.study.server as server
 
@@ -203,21 +194,21 @@ def test_serve_prints_a_token_only_when_needed(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SYNTHCXR_STUDY_SECRET", raising=False)
     db = f"sqlite:///{tmp_path / 'serve.sqlite3'}"
     token_re = re.compile(r"keep it secret\): (\S+)")
-    first = token_re.findall(_run(["study", "serve", "--db", db], capsys))
+    first = token_re.findall(run_cli(["study", "serve", "--db", db], capsys))
     assert len(first) == 1
-    again = _run(["study", "serve", "--db", db], capsys)
+    again = run_cli(["study", "serve", "--db", db], capsys)
     assert not token_re.search(again) and "valid until" in again and first[0] not in again
-    second = token_re.findall(_run(["study", "serve", "--db", db, "--new-admin-token"], capsys))
+    second = token_re.findall(run_cli(["study", "serve", "--db", db, "--new-admin-token"], capsys))
     assert len(second) == 1 and second != first
     assert service.active_admin_token_expiry(db, 7) is not None
-    assert "2 admin token(s) revoked" in _run(["study", "revoke-admin-tokens", "--db", db], capsys)
-    third = token_re.findall(_run(["study", "serve", "--db", db], capsys))
+    assert "2 admin token(s) revoked" in run_cli(["study", "revoke-admin-tokens", "--db", db], capsys)
+    third = token_re.findall(run_cli(["study", "serve", "--db", db], capsys))
     assert len(third) == 1
-    fourth = token_re.findall(_run(["study", "serve", "--db", db, "--revoke-old"], capsys))
+    fourth = token_re.findall(run_cli(["study", "serve", "--db", db, "--revoke-old"], capsys))
     with session_scope(db) as s:
         assert [r.revoked for r in s.scalars(select(AdminToken).order_by(AdminToken.id))] == [True] * 3 + [False]
     assert len(fourth) == 1 and len(started) == 5
-    token = _run(["study", "admin-token", "--revoke-old", "--db", db], capsys).strip()
+    token = run_cli(["study", "admin-token", "--revoke-old", "--db", db], capsys).strip()
     with session_scope(db) as s:
         assert s.scalar(select(AdminToken).where(AdminToken.revoked.is_(False))).id == 5
     assert token and token not in (first[0], second[0], third[0], fourth[0])

@@ -21,7 +21,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synthcxr.errors import StudyError
 from synthcxr.study import service
-from synthcxr.study.db import AdminToken, Image, Reader, Task, WebSession, session_factory, utcnow
+from synthcxr.study.db import (
+    AdminToken,
+    Image,
+    Reader,
+    Task,
+    WebSession,
+    session_factory,
+    transaction,
+    utcnow,
+)
 from synthcxr.study.questions import (
     CONFIDENCE_LEVELS,
     FINDINGS,
@@ -55,15 +64,8 @@ def get_db(request: Request) -> Iterator[Session]:
     """One session per request. Endpoints that write commit *before* returning: FastAPI may run
     this cleanup after the response is sent, and a browser following a redirect must already
     see the write."""
-    session = request.app.state.sessions()
-    try:
+    with transaction(request.app.state.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

@@ -211,9 +211,9 @@ def session_factory(db_url: str) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(db_url: str) -> Iterator[Session]:
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any error."""
-    session = session_factory(db_url)()
+    session = factory()
     try:
         yield session
         session.commit()
@@ -222,6 +222,13 @@ def session_scope(db_url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def session_scope(db_url: str) -> Iterator[Session]:
+    """One transaction on the database at `db_url`."""
+    with transaction(session_factory(db_url)) as session:
+        yield session
 
 
 def upgrade(db_url: str) -> None:
