@@ -113,8 +113,10 @@ def default_prompt_for_run(model: str | Path) -> str | None:
     DreamBooth-style runs learned their instance prompt ("a sks chest x-ray"); caption-trained runs
     get their first validation prompt, else the class prompt. None when `model` is not a run.
     """
+    from synthcxr.models.load import RUN_MODEL_FILE
+
     run_config = Path(model) / "config.yaml"
-    if not (Path(model) / "synthcxr_model.json").is_file() or not run_config.is_file():
+    if not (Path(model) / RUN_MODEL_FILE).is_file() or not run_config.is_file():
         return None
     from synthcxr.train.config import load_train_config
     from synthcxr.train.methods import class_prompt, instance_prompt

@@ -17,6 +17,7 @@ import yaml
 
 from synthcxr.errors import SynthCXRError
 from synthcxr.fileio import read_jsonl
+from synthcxr.models.load import RUN_MODEL_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -407,7 +408,7 @@ def load_report_data(path: str | Path, *, real_limit: int = 8) -> ReportData:
         title = f"synthcxr grid report: {(plan or {}).get('name') or root.name}"
         is_grid = True
     else:
-        markers = ("run.json", "metrics.jsonl", "config.yaml", "eval.json", "images", "train", "DONE", "synthcxr_model.json")
+        markers = ("run.json", "metrics.jsonl", "config.yaml", "eval.json", "images", "train", "DONE", RUN_MODEL_FILE)
         if not any((root / m).exists() for m in markers):
             raise SynthCXRError("no grid or run found in this folder", file=root,
                                 fix="pass the --out folder of `synthcxr grid`, a grid run folder (runs/NAME) or a training run directory")
