@@ -6,14 +6,13 @@ naming the key, the allowed values and a "did you mean".
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from synthcxr.errors import ConfigError
+from synthcxr.errors import ConfigError, did_you_mean
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -42,16 +41,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_nested(data, path, value, what=f"override {text!r}")
     return data
+
+
+def set_nested(data: dict[str, Any], path: list[str], value: Any, *, what: str) -> None:
+    """Set data[path[0]][path[1]]... = value, creating sections on the way; `what` names the
+    setting in the error when a section on the path is already a plain value."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -88,8 +93,7 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
         key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+            hint = did_you_mean(str(loc[-1]), allowed, prefix="".join(f"{p}." for p in loc[:-1]))
             lines.append(f"unknown key {key!r}{hint}; allowed here: {', '.join(allowed)}")
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")

@@ -49,6 +49,14 @@ class StudyError(SynthCXRError):
     """Reader-study setup or database problem."""
 
 
+def did_you_mean(value: str, choices: Iterable[str], *, cutoff: float = 0.6, prefix: str = "") -> str:
+    """' (did you mean 'x'?)' naming the closest choice (after `prefix`), or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
 class Problem:
     """One problem with one file; many are collected and reported together."""
 

@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import field_validator
 
 from synthcxr.config import StrictModel
-from synthcxr.errors import ConfigError, DataError, ModelError, Problem, ProblemsError
+from synthcxr.errors import ConfigError, DataError, ModelError, Problem, ProblemsError, did_you_mean
 from synthcxr.evaluate.imagecache import DecodedImageCache
 from synthcxr.evaluate.images import RESIZE_METHOD, read_decoded, resize_rgb
 from synthcxr.fileio import sha256_file
@@ -76,10 +76,7 @@ class ExtractorConfig(StrictModel):
     def _known(cls, value: str) -> str:
         base = value.split(":", 1)[0]
         if base not in EXTRACTORS:
-            import difflib
-
-            close = difflib.get_close_matches(base, list(EXTRACTORS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(base, EXTRACTORS)
             raise ValueError(f"unknown extractor {value!r}{hint}; choose one of {', '.join(EXTRACTOR_HELP)}")
         if base in ("torchvision", "timm") and not value.split(":", 1)[-1].strip():
             raise ValueError(f"{base} needs a model name, e.g. {base}:resnet18")

@@ -9,12 +9,11 @@ tuberculosis" is asked in its own words. Image i always gets seed `seed + i`.
 from __future__ import annotations
 
 import csv
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synthcxr.errors import DataError, Problem, ProblemsError
+from synthcxr.errors import DataError, Problem, ProblemsError, did_you_mean
 
 CSV_COLUMNS = ("sex", "age", "finding", "label", "n", "count", "prompt", "caption")
 SEX_VALUES = {"m": "male", "male": "male", "f": "female", "female": "female"}
@@ -53,8 +52,7 @@ def read_prompts_csv(path: str | Path, captions: Any, default_count: int) -> lis
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
         unknown = [h for h in header if h not in CSV_COLUMNS]
         if not header or unknown:
-            hints = [f"{h!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(h, CSV_COLUMNS, 1)) else "")
-                     for h in unknown]
+            hints = [f"{h!r}{did_you_mean(h, CSV_COLUMNS)}" for h in unknown]
             raise DataError(f"prompts CSV has unknown or no columns: {', '.join(hints) or 'empty header'}", file=path,
                             fix=f"use the columns {', '.join(CSV_COLUMNS)} (n/count and prompt are optional)")
         rows: list[PromptRow] = []

@@ -6,9 +6,10 @@ its prediction type (epsilon or v-prediction for SD 2.x 768 models) carry over t
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
+
+from synthcxr.errors import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,7 @@ def check_scheduler_name(name: str) -> str:
     """Return `name` when known; otherwise raise ValueError with a "did you mean" (for config validation)."""
     if name in SCHEDULERS:
         return name
-    close = difflib.get_close_matches(name.lower(), SCHEDULERS, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(name.lower(), SCHEDULERS, cutoff=0.5)
     raise ValueError(f"unknown scheduler {name!r}{hint}; choose one of {', '.join(SCHEDULERS)}")
 
 

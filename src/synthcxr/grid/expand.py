@@ -26,7 +26,6 @@ order, which is what makes skipping finished runs and resuming safe.
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import json
 import re
@@ -38,8 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from synthcxr.config import StrictModel, apply_overrides, build_config, read_yaml
-from synthcxr.errors import ConfigError
+from synthcxr.config import StrictModel, apply_overrides, build_config, read_yaml, set_nested
+from synthcxr.errors import ConfigError, did_you_mean
 from synthcxr.fileio import hash_strings
 
 AXIS_ALIASES: dict[str, str] = {
@@ -158,8 +157,7 @@ class GridPlan:
         names = [r.name for r in self.runs]
         missing = [n for n in only if n not in names]
         if missing:
-            hints = [f"{n!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(n, names, 1)) else "")
-                     for n in missing]
+            hints = [f"{n!r}{did_you_mean(n, names)}" for n in missing]
             raise ConfigError(f"--only names no run of this grid: {', '.join(hints)}", file=self.source,
                               fix=f"use one of: {', '.join(names)}")
         return [r for r in self.runs if r.name in only]
@@ -188,16 +186,7 @@ def flatten(block: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `a.b.c` in a nested dict, creating sections on the way (values are already typed)."""
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
+    set_nested(data, dotted.split("."), copy.deepcopy(value), what=f"cannot set {dotted!r}")
 
 
 def _submodels(annotation: Any) -> list[type[BaseModel]]:
@@ -223,8 +212,7 @@ def check_key(schema: type[BaseModel] | None, dotted: str, *, what: str, source:
     for part in dotted.split("."):
         fields = {name: f for m in models for name, f in m.model_fields.items()}
         if part not in fields:
-            close = difflib.get_close_matches(part, list(fields), n=1)
-            hint = f" (did you mean {'.'.join([*walked, close[0]])!r}?)" if close else ""
+            hint = did_you_mean(part, fields, prefix="".join(f"{w}." for w in walked))
             raise ConfigError(
                 f"{what} sets unknown config key {dotted!r}{hint}",
                 file=source,
@@ -241,18 +229,16 @@ def check_key(schema: type[BaseModel] | None, dotted: str, *, what: str, source:
 def _axis_path(axis: str, schema: type[BaseModel] | None, source: str) -> str:
     path = AXIS_ALIASES.get(axis, axis)
     if schema is None and "." not in path:
-        close = difflib.get_close_matches(axis, list(AXIS_ALIASES), n=1)
         raise ConfigError(
-            f"axis {axis!r} is neither a short axis name nor a dotted config key"
-            + (f" (did you mean {close[0]!r}?)" if close else ""),
+            f"axis {axis!r} is neither a short axis name nor a dotted config key{did_you_mean(axis, AXIS_ALIASES)}",
             file=source, fix=f"use one of {', '.join(AXIS_ALIASES)} or a key like optimizer.lr",
         )
     try:
         check_key(schema, path, what=f"axis {axis!r}", source=source)
     except ConfigError as exc:
-        close = difflib.get_close_matches(axis, list(AXIS_ALIASES), n=1)
-        if close and "." not in axis:
-            raise ConfigError(f"unknown axis {axis!r} (did you mean {close[0]!r}?)", file=source,
+        hint = did_you_mean(axis, AXIS_ALIASES)
+        if hint and "." not in axis:
+            raise ConfigError(f"unknown axis {axis!r}{hint}", file=source,
                               fix=f"use one of {', '.join(AXIS_ALIASES)} or a dotted config key like optimizer.lr") from None
         raise exc from None
     return path
@@ -381,10 +367,9 @@ def expand_grid(
         overrides = {}
         for axis, value in entry.items():
             if axis not in grid.axes:
-                close = difflib.get_close_matches(axis, list(grid.axes), n=1)
                 raise ConfigError(
                     f"include entry {entry!r} names axis {axis!r}, which the grid does not have"
-                    + (f" (did you mean {close[0]!r}?)" if close else ""),
+                    f"{did_you_mean(axis, grid.axes)}",
                     file=source, fix=f"use the axes {', '.join(grid.axes)} plus optional 'name' and 'set'",
                 )
             overrides[axis_paths[axis]] = value

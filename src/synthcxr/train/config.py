@@ -7,7 +7,6 @@ fails before any model is loaded, with the allowed values and a "did you mean".
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from synthcxr.config import StrictModel, load_config
 from synthcxr.data.config import DataConfig
+from synthcxr.errors import did_you_mean
 
 METHOD_NAMES = ("dreambooth", "lora", "full")
 OPTIMIZER_NAMES = ("adam", "adamw", "adamw8bit", "adafactor", "dadaptation", "prodigy")
@@ -28,8 +28,7 @@ def check_name(value: str, allowed: tuple[str, ...], what: str) -> str:
     """Registry-name check with a "did you mean"; pydantic turns the ValueError into a config error."""
     if value in allowed:
         return value
-    close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(value, allowed, cutoff=0.5)
     raise ValueError(f"unknown {what} {value!r}{hint}; allowed: {', '.join(allowed)}")
 
 
