@@ -89,7 +89,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 def format_validation_error(model: type[BaseModel], exc: ValidationError, source: str) -> ConfigError:
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+        loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)
