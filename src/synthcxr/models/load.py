@@ -140,14 +140,14 @@ def load_pipeline(
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:
         kwargs[_dtype_kwarg()] = torch_dtype
+    # a run points at its own pipeline folder or at its base model, which is itself a folder, file or hub id
+    kind = resolve_source(source.location).kind if source.kind == "run" else source.kind
     try:
-        if source.kind == "file":
+        if kind == "file":
             pipe = _load_single_file(StableDiffusionPipeline, source.location, single_file_config, kwargs)
-        elif source.kind == "hub" or (source.kind == "run" and resolve_source(source.location).kind == "hub"):
+        elif kind == "hub":
             repo_id, local_only = _hub_local_or_fail(source.location)
             pipe = StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=local_only, **kwargs)
-        elif source.kind == "run" and Path(source.location).is_file():
-            pipe = _load_single_file(StableDiffusionPipeline, source.location, single_file_config, kwargs)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **kwargs)
     except ModelError:
