@@ -7,7 +7,6 @@ reported together with every other problem.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 
 from synthcxr.data.records import XrayRecord
 from synthcxr.errors import Problem
+from synthcxr.fileio import sha256_file
 from synthcxr.logging_utils import get_logger, progress_bar
 
 log = get_logger(__name__)
@@ -50,11 +50,7 @@ def file_hash(record: XrayRecord) -> str | None:
         return str(record.extra["sha256"])
     if record.image_path is None:
         return None
-    h = hashlib.sha256()
-    with open(record.image_path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(record.image_path)
 
 
 def check_records(records: list[XrayRecord], full: bool = True, show_progress: bool | None = None) -> tuple[list[XrayRecord], list[Problem]]:

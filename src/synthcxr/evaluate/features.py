@@ -17,7 +17,6 @@ antialiased resize in `images.resize_rgb` (clean-fid's lesson), real and synthet
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sqlite3
@@ -96,11 +95,7 @@ def resolve_device(device: str) -> str:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 class FeatureExtractor:
