@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,8 @@ def test_lr_free_optimizer_defaults_to_one_and_warns_otherwise():
 
 
 def test_every_key_settable_with_set(tmp_path):
-    cfg = _load(tmp_path, "", ["optimizer.lr=2e-4", "train.max_steps=7", "method.target_modules=[to_q,to_v]",
+    cfg = _load(tmp_path, "", ["optimizer.name=prodigy", "optimizer.lr=2e-4", "train.max_steps=7",
+                               "method.target_modules=[to_q,to_v]",
                                "data.captions.instance_token=zxq", "optimizer.options.d_coef=0.5"])
     assert cfg.optimizer.lr == 2e-4 and cfg.train.max_steps == 7
     assert cfg.method.target_modules == ["to_q", "to_v"] and cfg.data.captions.instance_token == "zxq"
@@ -80,3 +82,69 @@ def test_example_configs_are_valid(path):
     cfg = load_train_config(path)
     assert cfg.method.name in path.stem or path.stem.startswith("tiny")
     assert cfg.optimizer.name in path.stem.split("_", 1)[1]
+
+
+@pytest.mark.parametrize(("override", "key", "words"), [
+    ("optimizer.lr=-1", "optimizer.lr", "must be > 0"),
+    ("optimizer.lr=0", "optimizer.lr", "must be > 0"),
+    ("optimizer.lr=.nan", "optimizer.lr", "finite"),
+    ("optimizer.eps=0", "optimizer.eps", "must be > 0"),
+    ("optimizer.betas=[0.9,1.0]", "optimizer.betas", "[0, 1)"),
+    ("optimizer.betas=[-0.1,0.999]", "optimizer.betas", "[0, 1)"),
+    ("optimizer.weight_decay=.inf", "optimizer.weight_decay", "finite"),
+    ("schedule.power=0", "schedule.power", "greater than 0"),
+    ("method.alpha=0", "method.alpha", "greater than 0"),
+    ("method.text_encoder_lr=-1e-5", "method.text_encoder_lr", "greater than 0"),
+    ("method.class_image_guidance=-1", "method.class_image_guidance", "greater than or equal to 0"),
+    ("train.seed=-1", "train.seed", "greater than or equal to 0"),
+    ("train.seed=4294967296", "train.seed", "less than"),
+    ("train.validation_seeds=[0,-2]", "train.validation_seeds.1", "greater than or equal to 0"),
+    ("train.validation_guidance=-2", "train.validation_guidance", "greater than or equal to 0"),
+    ("train.max_grad_norm=.inf", "train.max_grad_norm", "finite"),
+])
+def test_bad_numbers_fail_at_load_naming_the_key(tmp_path, override, key, words):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, "", [override])
+    msg = str(err.value)
+    assert key in msg and words in msg and "Fix:" in msg
+
+
+@pytest.mark.parametrize(("yaml_text", "words"), [
+    ("optimizer: {name: adamw, options: {amsgrad: true, d_coef: 2}}",
+     ["optimizer adamw has no option 'd_coef'", "it takes: amsgrad"]),
+    ("optimizer: {name: prodigy, options: {d_cof: 2}}", ["no option 'd_cof'", "did you mean 'd_coef'"]),
+    ("optimizer: {name: prodigy, options: {d_coef: -1}}", ["options.d_coef", "greater than 0"]),
+    ("optimizer: {name: prodigy, options: {beta3: 1.5}}", ["options.beta3", "less than 1"]),
+    ("optimizer: {name: adafactor, options: {decay_rate: 0.8}}", ["options.decay_rate", "less than 0"]),
+    ("optimizer: {name: adamw8bit, options: {is_paged: maybe}}", ["options.is_paged", "boolean"]),
+    ("optimizer: {name: adamw, options: {lr: 0.1}}", ["set optimizer.lr instead of optimizer.options.lr"]),
+])
+def test_optimizer_options_are_checked_at_load(tmp_path, yaml_text, words):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, yaml_text + "\n")
+    msg = str(err.value)
+    assert "optimizer.options" in msg and all(w in msg for w in words), msg
+
+
+def test_every_registered_optimizer_has_typed_options_and_takes_them():
+    """Each entry's Options fields are keyword arguments its optimizer accepts (no spec drifts from the library)."""
+    import torch
+
+    from synthcxr.train.optimizers import OPTIMIZERS, OPTIONS, build_optimizer
+
+    assert set(OPTIONS) == set(OPTIMIZERS)
+    samples = {"bool": False, "int": 1, "float": 0.5}
+    for name, spec in OPTIONS.items():
+        for key, field in spec.model_fields.items():
+            text = str(field.annotation)
+            kind = next((k for k in samples if re.search(rf"(^|\[){k}\b", text)), None)
+            if text.startswith("tuple") or (name, key) == ("adamw8bit", "is_paged"):  # paged states need CUDA
+                continue
+            value = -0.8 if key == "decay_rate" else samples[kind]
+            cfg = TrainConfig.model_validate({"optimizer": {"name": name, "options": {key: value}}}).optimizer
+            try:
+                build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2, 2))]}], cfg)
+            except ConfigError as exc:  # the library refused a key the spec allows
+                pytest.fail(f"{name}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - other refusals (device, combination) are fine here
+                assert "unexpected keyword" not in str(exc), (name, key, exc)

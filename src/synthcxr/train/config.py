@@ -2,23 +2,28 @@
 
 Every key can be set from the command line with `--set section.key=value`. Names that pick an
 implementation (method, optimizer, schedule) are checked against their registries here, so a typo
-fails before any model is loaded, with the allowed values and a "did you mean".
+fails before any model is loaded, with the allowed values and a "did you mean". Every number is
+checked here too (finite, within its range; `optimizer.options` against the optimizer's typed
+options in train/optimizers.py), so a bad value fails at load, not after minutes of setup.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from synthcxr.config import StrictModel, load_config
 from synthcxr.data.config import DataConfig
 from synthcxr.errors import did_you_mean
 
 METHOD_NAMES = ("dreambooth", "lora", "full")
+ADAPTER_NAMES = ("loha", "lokr", "oft", "boft")
+"""peft adapters besides LoRA; diffusers cannot load them as a LoRA file, so they export merged (methods.py)."""
 OPTIMIZER_NAMES = ("adam", "adamw", "adamw8bit", "adafactor", "dadaptation", "prodigy")
-LR_FREE_OPTIMIZERS = ("dadaptation", "prodigy")
+"""The seed study's six; the registry in train/optimizers.py is the full list the config accepts."""
+LR_FREE_OPTIMIZERS = ("dadaptation", "prodigy", "prodigy_schedulefree")
 SCHEDULE_NAMES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -32,7 +37,13 @@ def check_name(value: str, allowed: tuple[str, ...], what: str) -> str:
     raise ValueError(f"unknown {what} {value!r}{hint}; allowed: {', '.join(allowed)}")
 
 
-class ModelSection(StrictModel):
+class Section(StrictModel):
+    """A training-config section: NaN and infinity are refused (never a meaningful setting)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class ModelSection(Section):
     """The pre-trained model to start from."""
 
     path: str = SD15
@@ -48,11 +59,12 @@ class ModelSection(StrictModel):
     """For a single-file checkpoint offline: a local diffusers folder of the same architecture."""
 
 
-class MethodSection(StrictModel):
+class MethodSection(Section):
     """What is trained: the whole UNet (dreambooth/full) or LoRA adapters, and with which prompts."""
 
     name: str = "lora"
-    """dreambooth (full UNet, instance prompt + rare token), lora (peft adapters), full (text-to-image on captions)."""
+    """dreambooth (full UNet, instance prompt + rare token), lora (peft adapters), full (text-to-image on captions),
+    or the peft adapters loha (Hadamard product), lokr (Kronecker product), oft / boft (orthogonal fine-tuning)."""
 
     prompts: Literal["auto", "instance", "caption"] = "auto"
     """Prompt per training image: the DreamBooth instance prompt ("a sks chest x-ray"), or the caption from
@@ -72,18 +84,18 @@ class MethodSection(StrictModel):
     class_image_steps: int = Field(25, ge=1)
     """Sampling steps used to generate the class images (once; they are cached)."""
 
-    class_image_guidance: float = 7.5
+    class_image_guidance: float = Field(7.5, ge=0.0)
 
     train_text_encoder: bool = False
     """Also train the text encoder (full weights for dreambooth/full, LoRA adapters for lora)."""
 
-    text_encoder_lr: float | None = None
+    text_encoder_lr: float | None = Field(None, gt=0.0)
     """Learning rate of the text encoder parameters (None = optimizer.lr)."""
 
     rank: int = Field(4, ge=1)
     """LoRA rank."""
 
-    alpha: float | None = None
+    alpha: float | None = Field(None, gt=0.0)
     """LoRA alpha (None = rank, i.e. scale 1)."""
 
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -95,10 +107,37 @@ class MethodSection(StrictModel):
 
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
+    decompose_factor: int = Field(-1, ge=-1)
+    """LoKr: Kronecker factor of each layer's width (-1 = as square as possible, kohya/LyCORIS's default)."""
+
+    block_size: int = Field(32, ge=1)
+    """OFT/BOFT: size of the orthogonal blocks; must divide the input width of every target layer."""
+
+    butterfly_factor: int = Field(1, ge=1)
+    """BOFT: number of butterfly factors (1 = block-diagonal OFT; more mixes blocks at more parameters)."""
+
+    export: Literal["auto", "lora_file", "merged"] = "auto"
+    """Final weights: lora_file (a file diffusers' load_lora_weights reads; LoRA only), merged (adapters merged
+    into a full pipeline folder), auto = lora_file for lora, merged for loha/lokr/oft/boft, a pipeline for
+    dreambooth/full."""
+
     @field_validator("name")
     @classmethod
     def _known_name(cls, value: str) -> str:
-        return check_name(value, METHOD_NAMES, "method")
+        return check_name(value, METHOD_NAMES + ADAPTER_NAMES, "method")
+
+    @model_validator(mode="after")
+    def _adapter_checks(self) -> MethodSection:
+        if self.export == "lora_file" and self.name != "lora":
+            why = ("diffusers' StableDiffusionPipeline.load_lora_weights reads only LoRA keys, so a "
+                   f"{self.name} file would not load" if self.name in ADAPTER_NAMES else "it trains whole weights")
+            raise ValueError(f"method.export=lora_file needs method.name=lora ({why}); "
+                             "set method.export=merged (a full pipeline folder any diffusers loads) or auto")
+        if self.export == "merged" and self.name in ("dreambooth", "full"):
+            raise ValueError(f"method {self.name} has no adapters to merge; remove method.export (a pipeline is saved)")
+        if self.dora and self.name != "lora":
+            raise ValueError(f"method.dora is a LoRA variant; remove it for method {self.name}")
+        return self
 
     @property
     def prompt_mode(self) -> str:
@@ -107,7 +146,7 @@ class MethodSection(StrictModel):
         return "instance" if self.name == "dreambooth" else "caption"
 
 
-class OptimizerSection(StrictModel):
+class OptimizerSection(Section):
     """Optimizer by name plus its options."""
 
     name: str = "adamw"
@@ -127,12 +166,47 @@ class OptimizerSection(StrictModel):
     """Fused (single-kernel) Adam/AdamW on CUDA. None = on when every parameter is on a GPU."""
 
     options: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments passed to the optimizer class (e.g. d_coef for prodigy)."""
+    """Extra keyword arguments passed to the optimizer class (e.g. d_coef for prodigy), checked at load
+    against the optimizer's typed options (train/optimizers.py)."""
 
     @field_validator("name")
     @classmethod
     def _known_name(cls, value: str) -> str:
-        return check_name(value, OPTIMIZER_NAMES, "optimizer")
+        from synthcxr.train.optimizers import OPTIMIZERS  # the registry is the one list of names
+
+        return check_name(value, tuple(OPTIMIZERS), "optimizer")
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("the learning rate must be > 0 (e.g. 1e-4 for adamw with LoRA, 1.0 for prodigy or "
+                             "dadaptation); remove optimizer.lr to use the optimizer's default")
+        return value
+
+    @field_validator("eps")
+    @classmethod
+    def _positive_eps(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("eps must be > 0: it keeps the update finite where a gradient is ~0 (usual: 1e-8)")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("each beta must be in [0, 1): they are moving-average decays (usual: [0.9, 0.999])")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _typed_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:  # the name itself was refused; that error is the one to read
+            return value
+        from synthcxr.train.optimizers import validate_options
+
+        return validate_options(name, value)
 
     @property
     def lr_free(self) -> bool:
@@ -146,7 +220,9 @@ class OptimizerSection(StrictModel):
             return 1.0
         if self.name == "adafactor" and self.relative_step:
             return None
-        return 1e-4
+        from synthcxr.train.optimizers import DEFAULT_LR  # each registry entry's documented default
+
+        return DEFAULT_LR.get(self.name, 1e-4)
 
     @model_validator(mode="after")
     def _check(self) -> OptimizerSection:
@@ -157,7 +233,7 @@ class OptimizerSection(StrictModel):
         return self
 
 
-class ScheduleSection(StrictModel):
+class ScheduleSection(Section):
     """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
 
     name: str = "constant"
@@ -165,7 +241,7 @@ class ScheduleSection(StrictModel):
 
     warmup_steps: int = Field(0, ge=0)
     num_cycles: int = Field(1, ge=1)
-    power: float = 1.0
+    power: float = Field(1.0, gt=0.0)
 
     @field_validator("name")
     @classmethod
@@ -173,7 +249,7 @@ class ScheduleSection(StrictModel):
         return check_name(value, SCHEDULE_NAMES, "schedule")
 
 
-class TrainSection(StrictModel):
+class TrainSection(Section):
     """How long, how big, how precise, and what to save along the way."""
 
     max_steps: int | None = Field(None, ge=1)
@@ -194,7 +270,9 @@ class TrainSection(StrictModel):
     """fp16 autocast on a CPU is slow and poorly supported; it is refused unless this is set."""
 
     gradient_checkpointing: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds Python, NumPy and torch (NumPy takes 0 <= seed < 2**32)."""
+
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     """Gradient clipping (None = off)."""
 
@@ -218,11 +296,11 @@ class TrainSection(StrictModel):
     validation_prompts: list[str] = Field(default_factory=list)
     """Prompts for sample images. Empty = the instance prompt or the first training captions."""
 
-    validation_seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    validation_seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1])
     validation_steps: int = Field(25, ge=1)
     """Sampling steps for validation images."""
 
-    validation_guidance: float = 7.5
+    validation_guidance: float = Field(7.5, ge=0.0)
     validation_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
     """Fixed timesteps of the held-out validation loss (fixed noise too), so optimizers are comparable."""
 
@@ -251,7 +329,7 @@ class TrainSection(StrictModel):
         return value
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(Section):
     """A whole training run; saved resolved as RUN_DIR/config.yaml."""
 
     model: ModelSection = Field(default_factory=ModelSection)
