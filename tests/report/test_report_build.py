@@ -71,7 +71,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 def test_metric_directions():
     assert direction("fid") == "low" and direction("kid") == "low"
     assert direction("precision") == "high" and direction("study.realism") == "high"
-    assert direction("ms_ssim.synthetic") == "low" and direction("ms_ssim.real") is None
+    assert direction("ms_ssim.synthetic") == "real" and direction("ms_ssim.real") is None
     assert direction("memorization.ssim_max") == "low" and direction("utility_auc.real") == "high"
 
 

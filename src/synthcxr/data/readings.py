@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from synthcxr.data.labels import normalize_label  # noqa: F401 - re-exported: the vocabulary lives in labels.py
 from synthcxr.data.records import NORMAL, TUBERCULOSIS
 
 
@@ -37,11 +38,6 @@ _AGE_RE = re.compile(
 )
 _NORMAL_FINDINGS = {"normal", "normal chest", "normal cxr", "no finding", "no findings", "nothing abnormal",
                     "no abnormality", "no abnormalities", "negative", "unremarkable"}
-_LABEL_ALIASES = {
-    "0": NORMAL, "normal": NORMAL, "negative": NORMAL, "healthy": NORMAL, "no finding": NORMAL,
-    "1": TUBERCULOSIS, "tb": TUBERCULOSIS, "tuberculosis": TUBERCULOSIS, "ptb": TUBERCULOSIS,
-    "stb": TUBERCULOSIS, "positive": TUBERCULOSIS,
-}
 
 
 def read_text(path: Path) -> str:
@@ -110,16 +106,6 @@ def normalize_finding(text: str | None) -> str | None:
     if text.lower().rstrip(".").strip() in _NORMAL_FINDINGS:
         return NORMAL
     return text
-
-
-def normalize_label(value: object) -> str | None:
-    """'0'/'normal' -> 'normal', '1'/'TB'/'PTB' -> 'tuberculosis'; other labels kept, lower-cased."""
-    if value is None:
-        return None
-    text = re.sub(r"\s+", " ", str(value)).strip().lower()
-    if not text:
-        return None
-    return _LABEL_ALIASES.get(text, text)
 
 
 def label_from_suffix(stem: str) -> str | None:

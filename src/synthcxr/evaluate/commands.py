@@ -69,13 +69,42 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("Flagged near-copies", str(mem["n_flagged"]), "", f"of {mem['n_synthetic']} synthetic"))
     util = results.get("utility")
     if util:
-        for variant in ("real", "synthetic", "real+synthetic"):
-            if variant in util:
-                rows.append((f"AUC trained on {variant}", *_ci(util[variant], "auc", 3), f"{util[variant]['n_train']} train / {util[variant]['n_test']} test"))
-        cond = util.get("conditioning", {})
-        for attr in ("label", "sex"):
-            if attr in cond and "overall" in cond[attr]:
-                rows.append((f"Conditioning agreement ({attr})", f"{cond[attr]['overall']:.3f}", "", f"{cond[attr]['n']} synthetic"))
+        rows += utility_rows(util)
+    return rows
+
+
+def utility_rows(util: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Classifier AUCs (mean over seeds), gains over real, conditioning; a skipped one is a row saying why."""
+    rows: list[tuple[str, str, str, str]] = []
+    seeds = len((util.get("protocol") or {}).get("seeds") or [])
+    for variant in ("real", "synthetic", "real+synthetic"):
+        entry = util.get(variant)
+        if not isinstance(entry, dict):
+            continue
+        if "skipped" in entry:
+            rows.append((f"AUC trained on {variant}", "–", "", f"skipped: {entry['skipped']}"))
+            continue
+        note = f"{entry['n_train']} train / {entry['n_test']} test images" + (f", {seeds} seeds" if seeds else "")
+        rows.append((f"AUC trained on {variant}", *_ci(entry, "auc", 3), note))
+        gain = entry.get("minus_real")
+        if gain:
+            rows.append((f"  {variant} − real", f"{gain['value']:+.3f}", _ci(gain, digits=3)[1],
+                         "significant" if gain["significant"] else "not significant (CI includes 0)"))
+    protocol = util.get("protocol")
+    if protocol:
+        rows.append(("  protocol", "", "", f"equal steps ({protocol['max_steps']}), early stopping on real validation, "
+                                           "measured on real test patients"))
+    for attr, what in (util.get("conditioning") or {}).items():
+        if "skipped" in what:
+            rows.append((f"Conditioning ({attr})", "–", "", f"not measured: {what['skipped']}"))
+            continue
+        rows.append((f"Conditioning AUC ({attr})", *_ci(what["auc"], digits=3), f"{what['n']} synthetic, real-trained classifier"))
+        bacc = what.get("balanced_accuracy") or {}
+        if "skipped" in bacc:
+            rows.append((f"Conditioning balanced acc. ({attr})", "–", "", f"not measured: {bacc['skipped']}"))
+        elif bacc:
+            rows.append((f"Conditioning balanced acc. ({attr})", *_ci(bacc, digits=3),
+                         "COLLAPSED to one class" if what.get("collapsed") else "threshold from real validation"))
     return rows
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from synthcxr.data.labels import LABELS  # noqa: F401 - the one label vocabulary (data layer)
 from synthcxr.errors import DataError
 from synthcxr.evaluate.imagecache import DecodedImageCache
 from synthcxr.fileio import read_jsonl
@@ -23,7 +24,6 @@ from synthcxr.logging_utils import get_logger
 log = get_logger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
-LABELS = ("normal", "tuberculosis")
 #: The one resize used for every feature extractor and pixel metric: PIL bicubic is antialiased
 #: on downsampling (its filter support scales with the reduction), unlike torch's default bilinear.
 RESIZE_METHOD = "PIL bicubic (antialiased), per channel on float32, clipped to 0..255 (clean-fid 'clean' mode)"
@@ -37,6 +37,8 @@ class ImageItem:
     label: str | None = None
     sex: str | None = None
     patient_id: str | None = None
+    key: str | None = None
+    """The data layer's record id (`source/relpath`), by which a saved split names the image."""
 
 
 @dataclass
@@ -63,10 +65,12 @@ class ImageSet:
 
 
 def _folder_label(path: Path, root: Path) -> str | None:
-    """ImageFolder convention: a parent folder named `normal` or `tuberculosis` gives the label."""
+    """ImageFolder convention: a parent folder named by a label (`normal/`, `Tuberculosis/`, `TB/`) gives it."""
+    from synthcxr.data.labels import known_label
+
     for part in path.relative_to(root).parts[:-1]:
-        if part.lower() in LABELS:
-            return part.lower()
+        if (label := known_label(part)) is not None and not part.isdigit():
+            return label
     return None
 
 
@@ -85,17 +89,22 @@ def _list_images(root: Path) -> list[Path]:
 
 
 def _read_generation(root: Path) -> ImageSet:
-    rows = read_jsonl(root / "manifest.jsonl")
+    from synthcxr.data.labels import label_from_finding, parse_label
+
+    manifest = root / "manifest.jsonl"
+    rows = read_jsonl(manifest)
     items: list[ImageItem] = []
     missing: list[str] = []
-    for row in rows:
+    for line, row in enumerate(rows, start=1):
         if "file" not in row:
             continue
         path = root / row["file"]
         if not path.is_file():
             missing.append(row["file"])
             continue
-        items.append(ImageItem(path=path, label=row.get("label"), sex=row.get("sex"), patient_id=path.stem))
+        label = parse_label(row.get("label"), file=manifest, where=f"row {line} ({row['file']})")
+        label = label or label_from_finding(row.get("finding"))  # finding-only prompts still say the class
+        items.append(ImageItem(path=path, label=label, sex=row.get("sex"), patient_id=path.stem))
     if missing:
         log.warning("%s: %d image(s) listed in manifest.jsonl are missing (e.g. %s); evaluating the rest", root, len(missing), missing[0])
     return ImageSet(root=root, kind="generation", items=items)
@@ -111,12 +120,13 @@ def _read_native(root: Path) -> ImageSet:
     try:
         from synthcxr.data.config import DataConfig
         from synthcxr.data.dataset import load_records
+        from synthcxr.data.splits import record_id
     except ImportError:  # data layer not installed in this build: fall back to file-name labels
         load_records = None
     if load_records is not None:
         records = load_records(DataConfig(path=root))
         items = [
-            ImageItem(path=Path(r.image_path), label=r.label, sex=r.sex, patient_id=r.patient_id)
+            ImageItem(path=Path(r.image_path), label=r.label, sex=r.sex, patient_id=r.patient_id, key=record_id(r))
             for r in records
             if r.image_path is not None
         ]
@@ -143,7 +153,8 @@ def read_image_set(path: str | Path, role: str) -> ImageSet:
         image_set = ImageSet(
             root=root,
             kind="folder",
-            items=[ImageItem(path=p, label=_folder_label(p, root), patient_id=p.stem) for p in paths],
+            items=[ImageItem(path=p, label=_folder_label(p, root), patient_id=p.stem,
+                             key=f"folder/{p.relative_to(root).as_posix()}") for p in paths],
         )
     if not image_set.items:
         raise DataError(

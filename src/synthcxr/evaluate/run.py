@@ -67,6 +67,10 @@ class EvaluateConfig(StrictModel):
     """The generator's real training images (memorization, classifier training). Default: `real`."""
     test: Path | None = None
     """Real held-out test images for the classifier. Default: a patient-level split of `train`."""
+    split: Path | None = None
+    """A saved patient-level split of `train` (the generator's `splits.json`, a grid's `split.json`,
+    `synthcxr data split`): the classifier trains on its train patients, stops early on its val
+    patients and is tested on its test patients, which the generator never saw."""
     out: Path = Path("eval.json")
     metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS))
     extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
@@ -199,7 +203,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # 6. downstream utility and conditioning fidelity
     if "utility" in cfg.metrics:
         t0 = time.perf_counter()
-        labelled = [it for it in train_set.items if it.label in ("normal", "tuberculosis")]
+        labelled = [it for it in train_set.items if it.label is not None]  # unknown labels: an error in utility_check
         if not labelled:
             skipped["utility"] = ("the real training images have no normal/tuberculosis labels (use a Montgomery/Shenzhen "
                                   "data set, or normal/ and tuberculosis/ subfolders)")
@@ -209,7 +213,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             results["utility"] = utility_check(
                 labelled, sets["test"].items if "test" in sets else None, sets["fake"].items, cfg.utility,
                 device=resolve_device(cfg.extractor.device), seed=cfg.seed,
-                split_path=cfg.out.with_name(f"{cfg.out.stem}_split.json"), images=images)
+                split_path=cfg.out.with_name(f"{cfg.out.stem}_split.json"), images=images, split_file=cfg.split)
+            warnings += results["utility"].pop("warnings", [])
         timings["utility"] = time.perf_counter() - t0
 
     for metric, reason in skipped.items():

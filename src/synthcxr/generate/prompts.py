@@ -43,6 +43,7 @@ def _row_problem(path: Path, line: int, message: str, fix: str) -> Problem:
 def read_prompts_csv(path: str | Path, captions: Any, default_count: int) -> list[PromptRow]:
     """Parse the attributes CSV; every bad row is reported at once (file:line, what, fix)."""
     from synthcxr.data.captions import caption_from_attributes
+    from synthcxr.data.labels import accepted_text, known_label, label_from_finding
 
     path = Path(path)
     if not path.is_file():
@@ -79,10 +80,18 @@ def read_prompts_csv(path: str | Path, captions: Any, default_count: int) -> lis
             except ValueError:
                 problems.append(_row_problem(path, line, f"count {count_text!r} is not a whole number >= 0", "write e.g. 4"))
                 continue
-            attrs = {"label": rec.get("label") or None, "sex": SEX_VALUES[sex.lower()] if sex else None, "age": age}
+            label_text = rec.get("label", "")
+            label = known_label(label_text)
+            if label_text and label is None:
+                problems.append(_row_problem(path, line, f"label {label_text!r} is not a known label",
+                                             f"use an accepted spelling ({accepted_text()}) or leave it empty"))
+                continue
+            attrs = {"label": label, "sex": SEX_VALUES[sex.lower()] if sex else None, "age": age}
             if rec.get("finding"):
                 attrs["finding"] = rec["finding"]
             prompt = rec.get("prompt") or rec.get("caption") or caption_from_attributes(captions, **attrs)
+            if label is None:  # a finding-only row still records the class it asks for (caption unchanged)
+                attrs["label"] = label_from_finding(rec.get("finding"))
             rows.append(PromptRow(prompt, count, attrs))
     if problems:
         raise ProblemsError(problems, what=f"prompts CSV {path}")

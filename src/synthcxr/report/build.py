@@ -29,11 +29,17 @@ HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage", "auc", "accura
                     "fraction_real", "agreement")
 
 
+WAY_TEXT = {"low": "lower is better", "high": "higher is better", "real": "closest to the real images is best"}
+
+
 def direction(name: str) -> str | None:
-    """"low"/"high" when a metric's name says which way is better, else None (not ranked)."""
+    """"low"/"high" when a metric's name says which way is better, "real" when closeness to the
+    real set's value is (diversity), else None (not ranked)."""
     lname = name.lower()
     if "real" in lname.split(".")[-1] and "ms_ssim" in lname:
-        return None  # diversity of the real set is a reference value, not a score
+        return None  # diversity of the real set is the reference value, not a score
+    if "ms_ssim" in lname and "synthetic" in lname.split(".")[-1]:
+        return "real"  # lowest would favour noise (demo: 0.158 synthetic vs 0.894 real)
     if any(t in lname for t in HIGHER_IS_BETTER):
         return "high"
     if any(t in lname for t in LOWER_IS_BETTER):
@@ -49,10 +55,20 @@ class SampleRow:
     real: str | None
 
 
+def _value(cell_value: Any) -> float | None:
+    if isinstance(cell_value, Metric):
+        return cell_value.value
+    return cell_value if isinstance(cell_value, int | float) and not isinstance(cell_value, bool) else None
+
+
 def _best(rows: list[dict[str, Any]], column: str) -> str | None:
     way = direction(column)
-    scored = [(r["run"], r[column].value if isinstance(r[column], Metric) else r[column]) for r in rows
-              if isinstance(r.get(column), Metric | int | float) and not isinstance(r.get(column), bool)]
+    scored = [(r["run"], _value(r.get(column))) for r in rows if _value(r.get(column)) is not None]
+    if way == "real":  # distance to the run's own real-set value, smallest best
+        reference = column.replace("synthetic", "real")
+        scored = [(r["run"], abs(_value(r[column]) - _value(r.get(reference)))) for r in rows
+                  if _value(r.get(column)) is not None and _value(r.get(reference)) is not None]
+        way = "low"
     if not way or len(scored) < 2 or len({v for _, v in scored}) == 1:
         return None  # nothing to rank, or every run ties
     return (min if way == "low" else max)(scored, key=lambda x: x[1])[0]
@@ -228,6 +244,7 @@ def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -
         "columns": columns,
         "table": table,
         "highlights": highlights,
+        "way_text": WAY_TEXT,
         "loss_plot": loss,
         "val_plot": val,
         "metric_figs": metric_figs,

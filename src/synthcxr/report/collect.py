@@ -212,8 +212,10 @@ CURATED: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("utility_auc.real", ("utility", "real"), ("auc",)),
     ("utility_auc.synthetic", ("utility", "synthetic"), ("auc",)),
     ("utility_auc.real+synthetic", ("utility", "real+synthetic"), ("auc",)),
-    ("conditioning.label_agreement", ("utility", "conditioning", "label", "overall"), ()),
-    ("conditioning.sex_agreement", ("utility", "conditioning", "sex", "overall"), ()),
+    ("utility_gain.real+synthetic", ("utility", "real+synthetic", "minus_real"), ("value",)),
+    ("conditioning.label_auc", ("utility", "conditioning", "label", "auc"), ("value",)),
+    ("conditioning.label_balanced_accuracy", ("utility", "conditioning", "label", "balanced_accuracy"), ("value",)),
+    ("conditioning.sex_auc", ("utility", "conditioning", "sex", "auc"), ("value",)),
 ]
 """The headline numbers of synthcxr's own evaluation JSON, in the order the report shows them."""
 

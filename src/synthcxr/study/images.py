@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
+from synthcxr.data.labels import parse_label
 from synthcxr.errors import DataError
 from synthcxr.fileio import read_jsonl
 from synthcxr.logging_utils import get_logger
@@ -59,7 +60,7 @@ def _from_manifest(manifest: Path, group: str, source: str) -> list[SourceImage]
         if not path.is_file():
             raise DataError(f"row {i + 1} names {file}, which does not exist", file=manifest,
                             fix="regenerate the images or remove the row")
-        label = row.get("label") or _label_from_name(path)
+        label = parse_label(row.get("label"), file=manifest, where=f"row {i + 1}") or _label_from_name(path)
         images.append(SourceImage(path, group, source, label, row.get("prompt")))
     return images
 
