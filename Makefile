@@ -1,12 +1,12 @@
 # Two commands a user needs (see README):
 #   make demo   -> creates .venv, installs synthcxr (pinned torch pair), runs `synthcxr demo`
-#   make test   -> creates .venv, installs synthcxr + test tools (+ Chromium for browser tests), runs pytest
+#   make test   -> creates .venv, installs synthcxr + test tools (+ Chromium for browser tests, dicom3tools), runs pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS ?=
 
-.PHONY: setup demo test test-fast browser lint clean-venv
+.PHONY: setup demo test test-fast browser test-tools lint clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ demo: setup
 browser:
 	bash scripts/install_browser.sh
 
-test: setup browser
+test-tools:
+	bash scripts/install_test_tools.sh
+
+test: setup browser test-tools
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 test-fast: setup

@@ -176,7 +176,8 @@ def test_dicom_round_trip_secondary_capture(tiny_model_dir, tiny_pipe, tmp_path)
         assert (ds.BitsAllocated, ds.BitsStored, ds.SamplesPerPixel, ds.Rows, ds.Columns) == (8, 8, 1, 64, 64)
         assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
         assert ds.BurnedInAnnotation == "NO" and ds.ConversionType == "SYN"
-        assert str(ds.PatientName) == "SYNTHETIC" and ds.PatientID.startswith("SYN-")
+        assert str(ds.PatientName) == "SYNTHETIC^IMAGE" and ds.PatientID.startswith("SYN-")
+        assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
         assert ds.PatientBirthDate == "" and ds.PatientSex == ""
         assert "SYNTHETIC" in ds.ImageComments and row_model(rows) in ds.DerivationDescription
         assert ds.ContentDate == "20260528" and ds.ContentTime
@@ -186,6 +187,30 @@ def test_dicom_round_trip_secondary_capture(tiny_model_dir, tiny_pipe, tmp_path)
 
 def row_model(rows: list[dict]) -> str:
     return rows[0]["model"]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines the reference DICOM validator (dicom3tools) reports as errors for one file."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (Debian: apt-get install dicom3tools; scripts/install_test_tools.sh)")
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_dicom_files_pass_the_reference_validator(tiny_model_dir, tiny_pipe, tmp_path):
+    from synthcxr.generate.export import Provenance, dicom_bytes
+
+    dcm = generate_images(cfg_for(tiny_model_dir, tmp_path / "dcm", n=1, format="dicom"), pipe=tiny_pipe)
+    assert dciodvfy_errors(dcm / "00000.dcm") == []
+    # long and non-ASCII provenance stays within each attribute's value representation
+    prov = Provenance(model="/very/long/" + "model-folder/" * 120, prompt="radiografía de tórax, 45 años " * 40,
+                      seed=2**31, scheduler="dpmsolver++", steps=50, guidance=7.5, negative_prompt="text " * 50)
+    odd = tmp_path / "odd.dcm"
+    odd.write_bytes(dicom_bytes(Image.new("L", (48, 40), 128), prov, series_key="k" * 300, instance_number=12))
+    assert dciodvfy_errors(odd) == []
 
 
 def test_prompts_from_a_csv_of_clinical_attributes(tiny_model_dir, tiny_pipe, tmp_path):
