@@ -66,6 +66,11 @@ class SplitConfig(StrictModel):
     seed: int = 0
     """Seed of the shuffle: the same records and seed always give the same split."""
 
+    file: Path | None = None
+    """A saved split shared by several stages (a grid's `split.json`, `synthcxr data split --out`): used
+    as it is when it exists, else made with the settings above and saved there. Training, evaluation
+    and the study then see the same test patients."""
+
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitConfig:
         if self.val + self.test >= 1.0:

@@ -82,7 +82,12 @@ def save_split(path: Path, records: list[XrayRecord], assignment: dict[str, str]
         writer.writerows(rows)
         return atomic_write_text(path, buf.getvalue())
     summary = {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS}
-    return atomic_write_json(path, {"version": 1, "settings": cfg.model_dump(), "counts": summary, "images": rows})
+    return atomic_write_json(path, {"version": 1, "settings": _settings(cfg), "counts": summary, "images": rows})
+
+
+def _settings(cfg: SplitConfig) -> dict:
+    """What decides a split (where it is saved does not)."""
+    return cfg.model_dump(exclude={"file"})
 
 
 def read_split(path: Path) -> dict[str, str]:
@@ -130,10 +135,20 @@ def _group(records: list[XrayRecord], assignment: dict[str, str]) -> dict[str, l
 
 
 def split_records(records: list[XrayRecord], split_cfg: SplitConfig, out_path: str | Path | None = None) -> dict[str, list[XrayRecord]]:
-    """{'train','val','test'} -> records. With `out_path`: reuse the split saved there, else save it."""
+    """{'train','val','test'} -> records. With `out_path`: reuse the split saved there, else save it.
+
+    With `split_cfg.file` that shared file is reused (or made) instead, and `out_path` gets a copy,
+    so a run folder still records the split it trained on.
+    """
+    shared = Path(split_cfg.file) if split_cfg.file is not None else None
+    if shared is not None and (out_path is None or Path(out_path).resolve() != shared.resolve()):
+        groups = split_records(records, split_cfg, shared)
+        if out_path is not None:
+            atomic_write_text(Path(out_path), shared.read_text(encoding="utf-8"))
+        return groups
     if out_path is not None and Path(out_path).exists():
         saved = _saved_settings(Path(out_path))
-        if saved is not None and saved != split_cfg.model_dump():
+        if saved is not None and {k: v for k, v in saved.items() if k != "file"} != _settings(split_cfg):
             raise DataError(f"a split made with other settings ({saved}) is already saved here; it is never overwritten",
                             file=out_path, fix="write to another file (--out), or use the same val/test/seed")
         log.info("reusing the split saved in %s", out_path)

@@ -85,13 +85,15 @@ class Stages:
     generate: Callable[[dict[str, Any], str, Path], Any]
     evaluate: Callable[[dict[str, Any], Path, Path, dict[str, Any] | None], Any]
     study: Callable[[StudyRequest], Any] | None = None
+    split: Callable[[dict[str, Any], Path], Any] | None = None
+    """split(base data config, path): save the grid's one patient-level split (None: each run splits alone)."""
 
 
 def default_stages() -> Stages:
     from synthcxr.grid import stages
 
     return Stages(train=stages.train_stage, generate=stages.generate_stage,
-                  evaluate=stages.evaluate_stage, study=stages.study_stage)
+                  evaluate=stages.evaluate_stage, study=stages.study_stage, split=stages.split_stage)
 
 
 @dataclass
@@ -511,12 +513,13 @@ def run_grid(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = stages or default_stages()
+    share_split(plan, out_dir, stages)
     runs = plan.select(only)
     atomic_write_json(out_dir / "grid.json", plan.to_dict())
 
     if launcher == "accelerate":
         stages = Stages(train=AccelerateTrain(list(plan.launcher.accelerate_args)), generate=stages.generate,
-                        evaluate=stages.evaluate, study=stages.study)
+                        evaluate=stages.evaluate, study=stages.study, split=stages.split)
     if launcher == "slurm":
         results = _run_submitit(plan, runs, out_dir, stages, executor)
     else:
@@ -531,6 +534,29 @@ def run_grid(
 
     grid.summary_csv, grid.summary_md = write_summary(out_dir)
     return grid
+
+
+def share_split(plan: GridPlan, out_dir: Path, stages: Stages) -> Path | None:
+    """Save one patient-level split of the base data set (`OUT/split.json`, or the base config's
+    `data.split.file`) and make every run train on its train patients and every evaluation test the
+    classifier on its test patients: the generators never see a patient the utility numbers are
+    measured on. Changes the plan in place (the same on every call, so resuming is safe)."""
+    data = plan.base.get("data") or {}
+    if stages.split is None or not data.get("path"):
+        return None
+    path = Path((data.get("split") or {}).get("file") or Path(out_dir) / "split.json").resolve()
+    if not path.exists():
+        log.info("saving the grid's patient-level split to %s", path)
+        stages.split(data, path)
+    for spec in plan.runs:
+        if spec.train is not None:
+            spec.train.setdefault("data", {}).setdefault("split", {})["file"] = str(path)
+    if not plan.evaluate.get("test") and not plan.evaluate.get("split"):
+        plan.evaluate["split"] = str(path)
+        from synthcxr.grid.expand import single_folder
+
+        plan.evaluate.setdefault("train", single_folder(data.get("path")))
+    return path
 
 
 def _write_status(out_dir: Path, plan: GridPlan, results: list[RunResult]) -> None:

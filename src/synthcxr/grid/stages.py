@@ -19,6 +19,21 @@ from synthcxr.logging_utils import get_logger
 log = get_logger(__name__)
 
 
+def split_stage(data: dict[str, Any], path: Path) -> Path:
+    """The grid's one patient-level split of the base data set, saved before any run trains.
+
+    Every run trains on its `train` patients only (`data.split.file`), and evaluation tests the
+    classifier on its `test` patients, so no number is measured on patients a generator learned from.
+    """
+    from synthcxr.data.config import DataConfig
+    from synthcxr.data.dataset import load_records
+    from synthcxr.data.splits import split_records
+
+    cfg = build_config(DataConfig, data, "the grid's base data config")
+    split_records(load_records(cfg), cfg.split.model_copy(update={"file": None}), Path(path))
+    return Path(path)
+
+
 def train_stage(config: dict[str, Any], out_dir: Path, resume: bool) -> Path:
     from synthcxr.train.config import TrainConfig
     from synthcxr.train.loop import train
