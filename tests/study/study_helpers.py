@@ -54,6 +54,18 @@ def make_model_folder(root: Path, model: str, n: int = 6, seed: int = 2, size: i
     return root
 
 
+def make_image_folder(root: Path, n: int, size: int, seed: int, manifest: bool = False) -> Path:
+    """`n` square x-ray-like 8-bit PNGs of `size` px (with a manifest.jsonl when `manifest`): two
+    folders made with the same `size` differ only by chance, one with a smaller `size` must be enlarged."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray((_xray_like(rng, size, size) * 255).astype(np.uint8), mode="L").save(root / f"{i:05d}.png")
+    if manifest:
+        (root / "manifest.jsonl").write_text("".join(json.dumps({"file": f"{i:05d}.png"}) + "\n" for i in range(n)))
+    return root
+
+
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 TASK_RE = re.compile(r'action="/read/answer/([^"]+)"')
 

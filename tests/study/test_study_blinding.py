@@ -10,7 +10,7 @@ from sqlalchemy import select
 from study_helpers import FULL_ANSWER, csrf_of, sign_in_reader, task_of
 
 from synthcxr.study.db import Image as ImageRow
-from synthcxr.study.db import Task, session_scope
+from synthcxr.study.db import Reader, Task, session_scope
 from synthcxr.study.images import blind_png, png_chunks
 
 # words and values that would give the game away if they appeared anywhere a reader can see
@@ -108,3 +108,25 @@ def test_pipeline_strips_metadata_and_normalizes_any_input(tmp_path):
         assert png_chunks(out) == ["IHDR", "IDAT", "IEND"]
     arr = np.asarray(Image.open(__import__("io").BytesIO(outs[1])))
     assert arr.min() < 10 and arr.max() > 245  # 16-bit range stretched, not clipped to black/white
+
+
+def test_repeats_are_not_byte_identical_files(study, make_client):
+    """Each task gets its own imperceptible dither (at most 1 grey level): a repeat, or the same image
+    for another reader, cannot be matched by comparing bytes; the same task always gets the same file."""
+    import io
+
+    with session_scope(study.db_url) as s:
+        repeat = s.scalar(select(Task).join(Reader, Task.reader_id == Reader.id)
+                          .where(Task.repeat_of.is_not(None), Reader.name == "reader-1"))
+        original = s.get(Task, repeat.repeat_of)
+        pair = (original.public_id, repeat.public_id)
+        stored = (study.image_dir / f"{repeat.image_id}.png").read_bytes()
+    client = make_client()
+    sign_in_reader(client, study.invites["reader-1"])
+    first, second = (client.get(f"/read/image/{pid}").content for pid in pair)
+    assert first != second and len(first) == len(second) == len(stored)
+    assert client.get(f"/read/image/{pair[0]}").content == first  # stable per task
+    arrays = [np.asarray(Image.open(io.BytesIO(b)), dtype=int) for b in (stored, first, second)]
+    for served in arrays[1:]:
+        assert served.shape == arrays[0].shape and np.abs(served - arrays[0]).max() <= 1
+        assert png_chunks(first) == ["IHDR", "IDAT", "IEND"]

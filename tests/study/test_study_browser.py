@@ -73,3 +73,57 @@ def test_reader_rates_with_keyboard_and_continues_after_reload(study, tmp_path):
         stored = list(s.scalars(select(Answer)))
     assert {a.confidence for a in stored} == {3} and {a.finding for a in stored} == {"normal"}
     assert all(a.client_ms is not None and a.client_ms > 0 for a in stored)
+
+
+def _launch(pw):  # noqa: ANN001, ANN202 - playwright objects
+    return pw.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu",
+                                                                   "--disable-background-networking",
+                                                                   "--disable-component-update"])
+
+
+def _answer_by_keyboard(page, realism: str) -> None:  # noqa: ANN001 - playwright page
+    for key in (realism, "r", "h", "n", "Enter"):
+        page.keyboard.press(key)
+
+
+def test_two_tabs_second_answer_is_refused_visibly_and_new_link_asks_first(study):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    settings = StudySettings(db=study.db_url, dir=study.root / "studydir")
+    with background_server(settings) as base, sync_api.sync_playwright() as pw:
+        browser = _launch(pw)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            tab1 = context.new_page()
+            tab1.goto(study.invites["reader-1"].replace("http://testserver", base))
+            tab1.get_by_role("button", name="Start reading").click()
+            tab1.wait_for_selector("text=Image 1 of 13")
+            tab2 = context.new_page()  # same browser, same session, same image
+            tab2.goto(f"{base}/read")
+            tab2.wait_for_selector("text=Image 1 of 13")
+            _answer_by_keyboard(tab1, "4")
+            tab1.wait_for_selector("text=Image 2 of 13")
+            _answer_by_keyboard(tab2, "2")
+            tab2.wait_for_selector("text=first answer was kept")
+            tab2.get_by_role("link", name="Continue").click()
+            tab2.wait_for_selector("text=Image 2 of 13")
+
+            admin = browser.new_page()
+            admin.goto(f"{base}/admin/login")
+            admin.fill("input[name=token]", study.admin_token)
+            admin.keyboard.press("Enter")
+            admin.wait_for_url(f"{base}/admin")
+            admin.get_by_role("link", name=study.name).click()
+            admin.locator("tr", has_text="reader-2").get_by_role("link", name="New link").click()
+            admin.wait_for_selector("text=stops working")  # a question first: nothing changed yet
+            admin.get_by_role("link", name="Cancel").click()
+            admin.wait_for_selector("text=Add reader")
+            assert "<code>" not in admin.content()
+            admin.locator("tr", has_text="reader-2").get_by_role("link", name="New link").click()
+            admin.get_by_role("button", name="Make a new link").click()
+            admin.wait_for_selector("code")
+            assert "/invite/" in admin.inner_text("code")
+        finally:
+            browser.close()
+    with session_scope(study.db_url) as s:
+        assert s.scalar(select(func.count()).select_from(Answer)) == 1
+        assert s.scalar(select(Answer.realism)) == 4

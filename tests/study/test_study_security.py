@@ -58,21 +58,32 @@ def test_limiter_counts_failures_in_a_sliding_window():
     assert disabled.retry_after("a") is None
 
 
-def test_wrong_admin_tokens_get_429_and_block_even_the_right_token(study):
+def test_wrong_admin_tokens_get_429_but_never_lock_out_the_right_token(study):
     client = _client(study, login_attempts=3)
     for _ in range(3):
         assert _wrong_admin_login(client).status_code == 403
     blocked = _wrong_admin_login(client)
     assert blocked.status_code == 429 and 0 < int(blocked.headers["retry-after"]) <= 15 * 60
     assert "Try again in" in blocked.text
-    page = client.get("/admin/login")
-    right = client.post("/admin/login", data={"csrf_token": csrf_of(page.text), "token": study.admin_token})
-    assert right.status_code == 429  # no oracle while blocked
-    # another address signs in normally (same app: the limiter is per client address)
+    # a colleague behind the same address signs in with the right token
+    sign_in_admin(client, study.admin_token)
+    # and the scanner is still refused
     from fastapi.testclient import TestClient
 
-    other = TestClient(client.app, client=("10.0.0.2", 50000))
-    sign_in_admin(other, study.admin_token)
+    assert _wrong_admin_login(TestClient(client.app, client=("10.0.0.1", 50001))).status_code == 429
+
+
+def test_failures_are_limited_per_token_as_well_as_per_address(study):
+    from fastapi.testclient import TestClient
+
+    app = _client(study, login_attempts=2).app
+    for n in range(2):  # the same wrong token from two addresses
+        assert _wrong_admin_login(TestClient(app, client=(f"10.1.0.{n}", 1))).status_code == 403
+    assert _wrong_admin_login(TestClient(app, client=("10.1.0.9", 1))).status_code == 429  # new address, same token
+    page = TestClient(app, client=("10.1.0.9", 1))
+    form = page.get("/admin/login")
+    other = page.post("/admin/login", data={"csrf_token": csrf_of(form.text), "token": "another-guess"})
+    assert other.status_code == 403  # that address itself has no failures yet
 
 
 def test_successful_sign_ins_do_not_count(study):
@@ -83,16 +94,14 @@ def test_successful_sign_ins_do_not_count(study):
     sign_in_admin(client, study.admin_token)  # one failure: still under the limit
 
 
-def test_guessed_invite_links_are_limited_too(study):
+def test_guessed_invite_links_are_limited_but_real_links_still_work(study):
     client = _client(study, login_attempts=2)
     for guess in ("aaaa", "bbbb"):
         assert client.get(f"/invite/{guess}").status_code == 404
-    resp = client.get(invite_path(study.invites["reader-1"]))
+    resp = client.get("/invite/cccc")
     assert resp.status_code == 429 and "retry-after" in resp.headers
-    # readers elsewhere are not affected
-    from fastapi.testclient import TestClient
-
-    sign_in_reader(TestClient(client.app, client=("10.9.9.9", 1)), study.invites["reader-1"])
+    # a reader behind the same (hospital) address opens their own link normally
+    sign_in_reader(client, study.invites["reader-1"])
 
 
 def test_start_button_posts_the_token_in_the_body(study):
@@ -103,9 +112,127 @@ def test_start_button_posts_the_token_in_the_body(study):
     resp = client.post("/invite", data={"csrf_token": csrf_of(page.text), "token": token}, follow_redirects=False)
     assert resp.status_code == 303 and resp.headers["location"] == "/read"
     assert "Image 1 of" in client.get("/read").text
-    page = client.get(invite_path(study.invites["reader-2"]))  # one failure so far: still allowed
-    assert client.post("/invite", data={"csrf_token": csrf_of(page.text), "token": token}).status_code == 404
-    assert client.get(invite_path(study.invites["reader-2"])).status_code == 429  # spent link counted too
+    # pressing Start again on the old page (same browser, valid session) just continues reading
+    again = client.post("/invite", data={"csrf_token": csrf_of(page.text), "token": token}, follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"] == "/read"
+
+
+def test_reopening_a_used_invite_continues_and_is_not_a_failure(study):
+    from fastapi.testclient import TestClient
+
+    client = _client(study, login_attempts=2)
+    link = invite_path(study.invites["reader-1"])
+    sign_in_reader(client, link)
+    resp = client.get(link, follow_redirects=False)  # bookmarked invite, same browser
+    assert resp.status_code == 303 and resp.headers["location"] == "/read"
+    assert "Image 1 of" in client.get(link).text
+    other = TestClient(client.app, client=("10.0.0.1", 50001))  # same address, no session
+    for _ in range(5):
+        spent = other.get(link)
+        assert spent.status_code == 404 and "already been used" in spent.text
+    second = TestClient(client.app, client=("10.0.0.1", 50002))
+    sign_in_reader(second, study.invites["reader-2"])
+    assert second.get(link).status_code == 404  # another reader's session does not open it either
+    assert other.get("/invite/guess-1").status_code == 404  # spent links were not counted as failures
+
+
+def test_forwarded_for_is_trusted_only_from_configured_proxies(study):
+    from fastapi.testclient import TestClient
+
+    direct = _client(study, ip="10.0.0.7", login_attempts=2)
+    for n in range(2):  # a client forging X-Forwarded-For is still counted by its own address
+        assert direct.get(f"/invite/guess-{n}", headers={"X-Forwarded-For": f"1.1.1.{n}"}).status_code == 404
+    assert direct.get("/invite/guess-x", headers={"X-Forwarded-For": "1.1.1.9"}).status_code == 429
+    proxied = _client(study, ip="10.0.0.2", login_attempts=2, trusted_proxies="10.0.0.2")
+    for n in range(2):
+        assert proxied.get(f"/invite/g-{n}", headers={"X-Forwarded-For": "7.7.7.7"}).status_code == 404
+    assert proxied.get("/invite/g-x", headers={"X-Forwarded-For": "7.7.7.7"}).status_code == 429
+    # behind the proxy, another client is another address (a forged hop to the left is ignored)
+    other = TestClient(proxied.app, client=("10.0.0.2", 2))
+    assert other.get("/invite/g-y", headers={"X-Forwarded-For": "7.7.7.7, 8.8.8.8"}).status_code == 404
+
+
+def test_the_real_server_does_not_trust_forwarded_for_by_default(study):
+    settings = StudySettings(db=study.db_url, dir=study.root / "studydir", login_attempts=2)
+    with background_server(settings) as base, httpx.Client(base_url=base) as http:
+        codes = [http.get(f"/invite/guess-{n}", headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code
+                 for n in range(3)]
+    assert codes == [404, 404, 429]
+
+
+def test_trusted_proxies_setting(monkeypatch):
+    from synthcxr.errors import SynthCXRError
+    from synthcxr.study.settings import load_settings
+
+    monkeypatch.setenv("SYNTHCXR_STUDY_TRUSTED_PROXIES", "10.0.0.1, 192.168.0.0/16")
+    assert load_settings().trusted_proxies == ["10.0.0.1", "192.168.0.0/16"]
+    monkeypatch.setenv("SYNTHCXR_STUDY_TRUSTED_PROXIES", "proxy.local")
+    with pytest.raises(SynthCXRError, match="proxy.local"):
+        load_settings()
+    monkeypatch.delenv("SYNTHCXR_STUDY_TRUSTED_PROXIES")
+    assert load_settings().trusted_proxies == []
+
+
+# --- admin pages ------------------------------------------------------------------------------------
+
+
+def test_admin_links_use_the_configured_base_url_not_the_host_header(study):
+    from fastapi.testclient import TestClient
+
+    from synthcxr.study.app import create_app
+
+    app = create_app(StudySettings(db=study.db_url, dir=study.root / "studydir", base_url="https://study.example.org"))
+    admin = TestClient(app, base_url="http://attacker.example")
+    sign_in_admin(admin, study.admin_token)
+    page = admin.get(f"/admin/study/{study.name}")
+    added = admin.post(f"/admin/study/{study.name}/readers", data={"csrf_token": csrf_of(page.text), "reader_name": "dr-x"})
+    reissued = admin.post(f"/admin/study/{study.name}/readers/reader-2/reissue",
+                          data={"csrf_token": csrf_of(page.text), "confirm": "yes"})
+    for resp in (added, reissued):
+        link = resp.text.split("<code>")[1].split("</code>")[0]
+        assert link.startswith("https://study.example.org/invite/") and "attacker" not in resp.text
+
+
+def test_new_link_asks_for_confirmation(study, make_client):
+    admin = make_client()
+    sign_in_admin(admin, study.admin_token)
+    page = admin.get(f"/admin/study/{study.name}")
+    assert 'action="/admin/study/tb-realism/readers/reader-1/reissue"' not in page.text  # a link to a question now
+    ask = admin.get(f"/admin/study/{study.name}/readers/reader-1/reissue")
+    assert ask.status_code == 200 and "stops working" in ask.text and 'name="confirm" value="yes"' in ask.text
+    unconfirmed = admin.post(f"/admin/study/{study.name}/readers/reader-1/reissue", data={"csrf_token": csrf_of(page.text)})
+    assert unconfirmed.status_code == 200 and "<code>" not in unconfirmed.text  # asked again, nothing changed
+    sign_in_reader(make_client(), study.invites["reader-1"])  # the old link still works
+    done = admin.post(f"/admin/study/{study.name}/readers/reader-2/reissue",
+                      data={"csrf_token": csrf_of(page.text), "confirm": "yes"})
+    assert "<code>" in done.text
+    assert make_client().get(invite_path(study.invites["reader-2"])).status_code == 404
+
+
+def test_names_with_a_slash_are_refused_with_a_clear_error(tmp_path, sources, study, make_client):
+    from synthcxr.errors import StudyError
+
+    url = f"sqlite:///{tmp_path / 'names.sqlite3'}"
+    with pytest.raises(StudyError, match=r"study name 'tb/v2' contains '/'"):
+        service.create_study(url, "tb/v2", models=[sources["model_b"]], per_model=2, readers=1,
+                             study_dir=tmp_path / "n1")
+    with pytest.raises(StudyError, match=r"reader name 'dr/a' contains '/'"):
+        service.create_study(url, "tb", models=[sources["model_b"]], per_model=2, readers=["dr/a"],
+                             study_dir=tmp_path / "n2")
+    assert service.study_status(url) == []
+    with pytest.raises(StudyError, match="contains '/'"):
+        service.add_reader(study.db_url, study.name, "a/b")
+    admin = make_client()
+    sign_in_admin(admin, study.admin_token)
+    page = admin.get(f"/admin/study/{study.name}")
+    resp = admin.post(f"/admin/study/{study.name}/readers", data={"csrf_token": csrf_of(page.text), "reader_name": "x/y"})
+    assert resp.status_code == 400 and "contains &#39;/&#39;" in resp.text
+    # other characters are fine in names and admin links
+    service.add_reader(study.db_url, study.name, "Dr. Ana #2?")
+    page = admin.get(f"/admin/study/{study.name}")
+    ask = admin.get(f"/admin/study/{study.name}/readers/Dr.%20Ana%20%232%3F/reissue")
+    assert ask.status_code == 200 and "Dr. Ana #2?" in ask.text
+    assert "/readers/Dr.%20Ana%20%232%3F/reissue" in page.text
 
 
 def test_rate_limit_settings_come_from_the_environment(monkeypatch):
@@ -253,7 +380,7 @@ def test_access_log_of_the_real_server_has_no_invite_tokens(study, capfd):
                 assert resp.status_code == 200 and "Image 1 of" in resp.text
                 # an older page posting to the token path is redacted as well
                 spent = http.post(invite_path(link), data={"csrf_token": csrf_of(page.text)})
-                assert spent.status_code in (403, 404)  # pre-sign-in CSRF cookie is gone by now
+                assert spent.status_code == 200 and "Image 1 of" in spent.text  # own spent link: continues
         finally:
             logging.getLogger("uvicorn.access").removeHandler(capture)
     out = capfd.readouterr()

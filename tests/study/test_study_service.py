@@ -44,21 +44,6 @@ def test_create_study_samples_groups_and_gives_each_reader_an_order(study):
         assert not any("mask" in p.lower() for p in s.scalars(select(Image.original_path)))
 
 
-def test_same_seed_gives_same_orders(tmp_path, sources):
-    urls = []
-    for n in range(2):
-        url = f"sqlite:///{tmp_path / f'db{n}.sqlite3'}"
-        create_study(url, "s", real=sources["real"], models=[sources["model_b"]], per_model=3, real_count=3,
-                     readers=2, seed=11, image_size=32, study_dir=tmp_path / f"dir{n}")
-        urls.append(url)
-    paths = []
-    for url in urls:
-        with session_scope(url) as s:
-            id_to_path = {i.id: i.original_path for i in s.scalars(select(Image))}
-            paths.append({r.name: [id_to_path[t.image_id] for t in r.tasks] for r in s.scalars(select(Reader))})
-    assert paths[0] == paths[1]
-
-
 def test_create_study_errors_are_clear_and_nothing_is_overwritten(tmp_path, sources, study):
     url = study.db_url
     with pytest.raises(StudyError, match="already exists"):

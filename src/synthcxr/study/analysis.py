@@ -6,7 +6,6 @@ image's first showing only; repeated showings feed the intra-reader agreement al
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 from collections import defaultdict
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from synthcxr.fileio import atomic_write_json, atomic_write_text
+from synthcxr.study.csvsafe import csv_text
 
 REAL = "real"
 Z95 = 1.959963984540054
@@ -344,8 +344,6 @@ def analyze(all_rows: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000) -
 
 
 def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import io
-
     if not rows:
         atomic_write_text(path, "")
         return
@@ -358,11 +356,7 @@ def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
             else:
                 item[k] = v
         flat.append(item)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(flat[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in flat)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, csv_text(flat, list(flat[0])))
 
 
 def write_outputs(result: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:

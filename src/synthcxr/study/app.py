@@ -7,6 +7,7 @@ headers (no ETag/Last-Modified, `no-store`), and pages never mention a source or
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +24,6 @@ from synthcxr.errors import StudyError
 from synthcxr.study import service
 from synthcxr.study.db import (
     AdminToken,
-    Image,
     Reader,
     Task,
     WebSession,
@@ -146,16 +146,41 @@ def _start_session(request: Request, db: Session, response: Response, *, reader_
 
 
 def _client_key(request: Request) -> str:
-    """The client address (uvicorn resolves X-Forwarded-For only from trusted proxies)."""
-    return request.client.host if request.client else "unknown"
+    """The client address. X-Forwarded-For is believed only when the connection comes from one of
+    `trusted_proxies`; then the client is the nearest hop that is not itself a trusted proxy (hops
+    further left are whatever the client claimed)."""
+    host = request.client.host if request.client else "unknown"
+    proxies = request.app.state.proxies
+    if not proxies or not _is_proxy(host, proxies):
+        return host
+    hops = [h.strip() for h in ",".join(request.headers.getlist("x-forwarded-for")).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _is_proxy(hop, proxies):
+            return hop
+    return hops[0] if hops else host
 
 
-def _check_not_blocked(request: Request) -> None:
-    """Refuse every token attempt from a client with too many recent failures (HTTP 429)."""
-    wait = request.app.state.limiter.retry_after(_client_key(request))
-    if wait is not None:
-        raise HTTPException(429, f"Too many wrong tokens or links from this address. Try again in {wait} seconds.",
-                            headers={"Retry-After": str(wait)})
+def _is_proxy(address: str, proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
+
+
+def _failed_attempt(request: Request, kind: str, token: str) -> None:
+    """Count a wrong token against the client address *and* the token itself (many people share a
+    hospital's address; a scanner may rotate addresses). Only wrong tokens are ever refused with
+    HTTP 429: a correct token is checked first and always works."""
+    keys = [f"addr:{_client_key(request)}", f"{kind}:{hash_token(request.app.state.secret, 'attempt:' + token)}"]
+    limiter: AttemptLimiter = request.app.state.limiter
+    waits = [w for w in (limiter.retry_after(k) for k in keys) if w is not None]
+    if waits:
+        wait = max(waits)
+        raise HTTPException(429, f"Too many wrong tokens or links were tried. Try again in {wait} seconds "
+                                 "(a correct link or token still works).", headers={"Retry-After": str(wait)})
+    for key in keys:
+        limiter.failed(key)
 
 
 def _own_task(db: Session, ws: WebSession, public_id: str) -> Task:
@@ -177,6 +202,7 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = session_factory(settings.db)
     app.state.limiter = AttemptLimiter(settings.login_attempts, settings.login_window_minutes * 60)
+    app.state.proxies = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
     with app.state.sessions() as s:
         app.state.secret = database_secret(s, settings.secret)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -217,38 +243,52 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
         return _render(request, "message.html", title="Reader study",
                        message="Please open the personal invite link you received to start or continue reading.")
 
-    def _invited_reader(request: Request, db: Session, token: str) -> Reader:
-        _check_not_blocked(request)
+    def _invited_reader(request: Request, db: Session, token: str, ws: WebSession | None) -> Reader | Response:
+        """The reader a still-unused link belongs to. A spent link is not a guess: it is never counted
+        as a failure, and in the browser that used it (a valid session of that reader) it continues
+        at /read."""
         reader = db.scalar(select(Reader).where(Reader.invite_hash == hash_token(app.state.secret, "invite:" + token)))
-        if reader is None or reader.invite_used_at is not None:
-            app.state.limiter.failed(_client_key(request))
-            raise HTTPException(404, "This invite link is not valid or has already been used. "
-                                     "If you already started, go to /read in the same browser; "
-                                     "otherwise ask the study admin for a new link.")
-        return reader
+        if reader is not None and reader.invite_used_at is None:
+            return reader
+        if reader is not None:
+            if ws is not None and ws.reader_id == reader.id:
+                return RedirectResponse("/read", 303)
+            raise HTTPException(404, "This invite link has already been used. If you started in another browser, "
+                                     "continue there (at /read); otherwise ask the study admin for a new link.")
+        _failed_attempt(request, "invite", token)
+        raise HTTPException(404, "This invite link is not valid. Check that the whole link was copied, "
+                                 "or ask the study admin for a new link.")
 
     @app.get("/invite/{token}", response_class=HTMLResponse)
-    def invite_page(request: Request, token: str, db: SessionDep) -> Response:
-        reader = _invited_reader(request, db, token)
+    def invite_page(request: Request, token: str, db: SessionDep, ws: WebSessionDep) -> Response:
+        reader = _invited_reader(request, db, token, ws)
+        if isinstance(reader, Response):
+            return reader
         q = QuestionsConfig.model_validate(reader.study.questions)
         done, total = service.progress(db, reader.id)
         return _render_pre(request, "invite.html", token=token, questions=q, total=total, done=done)
 
     @app.post("/invite")
-    def invite_start(request: Request, db: SessionDep, token: Annotated[str, Form()] = "",
+    def invite_start(request: Request, db: SessionDep, ws: WebSessionDep, token: Annotated[str, Form()] = "",
                      csrf_token: Annotated[str, Form()] = "") -> Response:
         """The Start button posts the token in the form body, so this request line carries none."""
-        return invite_accept(request, token, db, csrf_token)
+        return invite_accept(request, token, db, ws, csrf_token)
 
     @app.post("/invite/{token}")
-    def invite_accept(request: Request, token: str, db: SessionDep, csrf_token: Annotated[str, Form()] = "") -> Response:
+    def invite_accept(request: Request, token: str, db: SessionDep, ws: WebSessionDep,
+                      csrf_token: Annotated[str, Form()] = "") -> Response:
         """Kept for links opened by older pages; the access log redacts the path (see server.py)."""
+        own = db.get(Reader, ws.reader_id) if ws is not None and ws.reader_id is not None else None
+        if own is not None and own.invite_hash == hash_token(app.state.secret, "invite:" + token):
+            return RedirectResponse("/read", 303)  # Start pressed again on an old page: just continue
         check_pre_csrf(request, csrf_token)
-        reader = _invited_reader(request, db, token)
-        # consume the link atomically: of two simultaneous clicks only one gets a session
+        reader = _invited_reader(request, db, token, ws)
+        if isinstance(reader, Response):
+            return reader
+        # consume the link atomically: of two simultaneous clicks only one gets a session. The hash
+        # stays, so the spent link is recognised later (never counted as a wrong one).
         used = db.execute(
-            update(Reader).where(Reader.id == reader.id, Reader.invite_used_at.is_(None))
-            .values(invite_used_at=utcnow(), invite_hash=None)
+            update(Reader).where(Reader.id == reader.id, Reader.invite_used_at.is_(None)).values(invite_used_at=utcnow())
         )
         if used.rowcount != 1:
             raise HTTPException(404, "This invite link has already been used.")
@@ -286,14 +326,11 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
 
     @app.get("/read/image/{public_id}")
     def read_image(public_id: str, ws: CurrentReader, db: SessionDep) -> Response:
-        task = _own_task(db, ws, public_id)
-        image: Image = task.image
-        data = (Path(image.study.image_dir) / f"{image.id}.png").read_bytes()
-        return Response(data, media_type="image/png")
+        return Response(service.task_image(_own_task(db, ws, public_id)), media_type="image/png")
 
     @app.post("/read/answer/{public_id}")
     def answer(
-        public_id: str, ws: CurrentReader, db: SessionDep,
+        request: Request, public_id: str, ws: CurrentReader, db: SessionDep,
         csrf_token: Annotated[str, Form()] = "", realism: Annotated[str, Form()] = "",
         choice: Annotated[str, Form()] = "", confidence: Annotated[str, Form()] = "",
         finding: Annotated[str, Form()] = "", comment: Annotated[str, Form()] = "",
@@ -309,7 +346,11 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
         except AnswerRejected as exc:
             raise HTTPException(400, f"Answer not saved: {exc}. Go back and complete the form.") from None
         db.commit()  # end the read transaction before the write (see record_answer)
-        service.record_answer(db, task, parsed)
+        if not service.record_answer(db, task, parsed) and not service.answer_matches(db, task, parsed):
+            return _render(request, "message.html", status_code=409, title="Your first answer was kept",
+                           message="You had already answered this image, probably in another tab or window. "
+                                   "Your first answer was kept; this one was not saved.",
+                           link=("/read", "Continue"))
         return RedirectResponse("/read", 303)
 
     @app.get("/pause", response_class=HTMLResponse)
@@ -327,11 +368,10 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     def admin_login(request: Request, db: SessionDep, token: Annotated[str, Form()] = "",
                     csrf_token: Annotated[str, Form()] = "") -> Response:
         check_pre_csrf(request, csrf_token)
-        _check_not_blocked(request)
         row = db.scalar(select(AdminToken).where(AdminToken.token_hash == hash_token(app.state.secret, "admin:" + token.strip())))
         expires = service.admin_token_expires(row, settings.admin_token_days) if row is not None else None
         if row is None or row.revoked or expires <= utcnow():
-            app.state.limiter.failed(_client_key(request))
+            _failed_attempt(request, "admin", token.strip())
             raise HTTPException(403, "Wrong, expired or revoked admin token. `synthcxr study serve --new-admin-token` "
                                      "or `synthcxr study admin-token` prints a new one.")
         response = RedirectResponse("/admin", 303)
@@ -350,7 +390,9 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
             groups: dict[str, int] = {}
             for img in study.images:
                 groups[img.model] = groups.get(img.model, 0) + 1
-        return _render(request, "admin_study.html", study=status, groups=groups, new_link=new_link, csrf_token=ws.csrf_token)
+            blinding = study.blinding
+        return _render(request, "admin_study.html", study=status, groups=groups, new_link=new_link,
+                       blinding=blinding, csrf_token=ws.csrf_token)
 
     @app.get("/admin/study/{name}", response_class=HTMLResponse)
     def admin_study(request: Request, name: str, ws: CurrentAdmin) -> Response:
@@ -360,14 +402,24 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     def admin_add_reader(request: Request, name: str, ws: CurrentAdmin, csrf_token: Annotated[str, Form()] = "",
                          reader_name: Annotated[str, Form()] = "") -> Response:
         check_csrf(ws, csrf_token)
-        link = service.add_reader(settings.db, name, reader_name.strip() or None, base_url=str(request.base_url))
+        link = service.add_reader(settings.db, name, reader_name.strip() or None, base_url=settings.base_url)
         return _study_page(request, ws, name, new_link=(reader_name.strip() or "new reader", link))
+
+    @app.get("/admin/study/{name}/readers/{reader_name}/reissue", response_class=HTMLResponse)
+    def admin_reissue_ask(request: Request, name: str, reader_name: str, ws: CurrentAdmin) -> Response:
+        """A new link cuts the reader's current link and browser off: ask first."""
+        readers = [r["reader"] for r in service.study_status(settings.db, name)[0]["readers"]]
+        if reader_name not in readers:
+            raise HTTPException(404, f"Study {name!r} has no reader {reader_name!r}.")
+        return _render(request, "admin_reissue.html", study=name, reader=reader_name, csrf_token=ws.csrf_token)
 
     @app.post("/admin/study/{name}/readers/{reader_name}/reissue", response_class=HTMLResponse)
     def admin_reissue(request: Request, name: str, reader_name: str, ws: CurrentAdmin,
-                      csrf_token: Annotated[str, Form()] = "") -> Response:
+                      csrf_token: Annotated[str, Form()] = "", confirm: Annotated[str, Form()] = "") -> Response:
         check_csrf(ws, csrf_token)
-        link = service.reissue_invite(settings.db, name, reader_name, base_url=str(request.base_url))
+        if confirm != "yes":
+            return admin_reissue_ask(request, name, reader_name, ws)
+        link = service.reissue_invite(settings.db, name, reader_name, base_url=settings.base_url)
         return _study_page(request, ws, name, new_link=(reader_name, link))
 
     @app.get("/admin/study/{name}/export.csv")

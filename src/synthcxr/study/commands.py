@@ -30,8 +30,9 @@ def create(
     real_count: Annotated[int, typer.Option("--real-count", help="Real control images sampled.")] = 30,
     readers: Annotated[int, typer.Option("--readers", help="Number of readers (each gets a one-time invite link).")] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Images each reader sees twice (intra-reader agreement).")] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and every reader's order.")] = 0,
-    image_size: Annotated[int, typer.Option("--image-size", help="Side of the square images readers see.")] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling the images (reading orders come from a secret stored with the study).")] = 0,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Side of the square images readers see (default: the smallest side of all chosen images, at most 512).")] = None,
+    allow_enlarge: Annotated[bool, typer.Option("--allow-enlarge", help="Enlarge images smaller than --image-size instead of refusing (a warning is printed; enlarged images can unblind the study).")] = False,
     questions: Annotated[Path | None, typer.Option("--questions", help="YAML questionnaire (see QuestionsConfig).")] = None,
     finding: Annotated[bool | None, typer.Option("--finding/--no-finding", help="Ask for the finding (TB / normal / unsure).")] = None,
     comment: Annotated[bool | None, typer.Option("--comment/--no-comment", help="Offer a comment box.")] = None,
@@ -49,15 +50,44 @@ def create(
     q = load_config(QuestionsConfig, questions, overrides)
     created = create_study(settings.db, name, real=real or None, models=model or [], per_model=per_model,
                            real_count=real_count, readers=readers, seed=seed, questions=q, repeats=repeats,
-                           image_size=image_size, study_dir=settings.dir, base_url=settings.base_url)
+                           image_size=image_size, study_dir=settings.dir, base_url=settings.base_url,
+                           allow_enlarge=allow_enlarge)
     typer.echo(f"study {created.name!r}: {created.n_images} images "
                f"({', '.join(f'{g} {n}' for g, n in sorted(created.groups.items()))}), "
-               f"{created.n_tasks_per_reader} per reader")
+               f"{created.n_tasks_per_reader} per reader, shown at {created.blinding['image_size']} px")
+    for line in _blinding_lines(created.blinding):
+        typer.echo(line)
     typer.echo("One-time invite links (send each reader their own; they are not shown again):")
     for reader, link in created.invites.items():
         typer.echo(f"  {reader}: {link}")
     if created.admin_token:
         typer.echo(f"Admin token (keep it secret): {created.admin_token}   sign in at {settings.base_url}/admin/login")
+
+
+def _blinding_lines(info: dict) -> list[str]:
+    """Source sizes and framing per group, then the leak check, as printed by `study create`."""
+    lines = ["source images:"]
+    for group, g in sorted(info["groups"].items()):
+        sizes = ", ".join(f"{size} ({n})" for size, n in g["sizes"].items())
+        if g["distinct_sizes"] > len(g["sizes"]):
+            sizes += f", ... ({g['distinct_sizes']} sizes)"
+        extra = [f"{g[k]} {label}" for k, label in (("enlarged", "enlarged"), ("cropped", "cropped to a square"),
+                                                    ("padded", "with uniform edge bars")) if g[k]]
+        lines.append(f"  {group}: {g['n']} images, {sizes}" + "".join(f", {e}" for e in extra))
+    check = info["leak_check"]
+    if check.get("skipped"):
+        lines.append(f"leak check skipped: {check['skipped']}")
+        return lines
+    lines.append(f"leak check (AUC real vs model per feature; 0.5 = no separation, 1 = full; warning above "
+                 f"{check['threshold']}):")
+    for group, res in check["models"].items():
+        if res["max_auc"] is None:
+            lines.append(f"  {group}: too few images ({res['n_model']})")
+            continue
+        flag = "  WARNING" if res["max_auc"] > check["threshold"] else ""
+        aucs = ", ".join(f"{f} {v:.2f}" for f, v in res["auc"].items())
+        lines.append(f"  {group}: max AUC {res['max_auc']:.2f} ({res['max_feature']}); {aucs}{flag}")
+    return lines
 
 
 @app.command("serve")

@@ -67,6 +67,10 @@ class Study(Base):
     image_size: Mapped[int] = mapped_column(Integer)
     questions: Mapped[dict] = mapped_column(JSON)
     repeats: Mapped[int] = mapped_column(Integer, default=0)
+    order_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """Random secret the readers' orders are derived from (never shown; orders are stored as positions)."""
+    blinding: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    """Source sizes/framing per group and the leak check measured at creation."""
     images: Mapped[list[Image]] = relationship(back_populates="study")
     readers: Mapped[list[Reader]] = relationship(back_populates="study", order_by="Reader.id")
 

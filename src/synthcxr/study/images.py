@@ -6,6 +6,10 @@ centre-cropped to a square, resized to the study size with the same filter, and 
 with fixed encoder settings and no metadata chunks. The PNG is stored *uncompressed* (zlib level
 0): then every file of a study has exactly the same byte length, so not even the Content-Length
 (or how well an image compresses) hints at its source.
+
+What one pipeline cannot hide is what the sources themselves differ in (an enlarged small image is
+blurrier, padded images have bars): `study create` therefore records each group's sizes and
+framing, refuses enlargement unless asked, and measures the rest with `leakcheck`.
 """
 
 from __future__ import annotations
@@ -143,7 +147,43 @@ def _decode(path: Path) -> np.ndarray:
     return arr / 255.0
 
 
-def blind_png(path: Path, size: int) -> bytes:
+def source_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels."""
+    try:
+        if Path(path).suffix.lower() == ".dcm":
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return int(ds.Columns), int(ds.Rows)
+        with PILImage.open(path) as img:
+            return img.size
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
+        raise DataError(f"cannot read image: {exc}", file=path, fix="remove or replace the broken file") from None
+
+
+@dataclass(frozen=True)
+class Blinded:
+    """One image after the pipeline, with what the study records about its framing."""
+
+    data: bytes
+    """The bare PNG readers are served."""
+    bars: float
+    """Widest uniform band along one edge of the centre square, as a fraction of its side (padding
+    such as `data.resize: pad` leaves bars that real images do not have)."""
+
+
+def edge_bars(arr: np.ndarray, tolerance: float = 2 / 255) -> float:
+    """Fraction of the side covered by the widest run of uniform rows/columns at any edge."""
+    side = min(arr.shape[:2])
+    widest = 0
+    for edge in (arr, arr[::-1], arr.T, arr.T[::-1]):  # top, bottom, left, right: rows from the edge inwards
+        uniform = edge.std(axis=1) <= tolerance
+        run = int(np.argmin(uniform)) if not uniform.all() else len(uniform)
+        widest = max(widest, run)
+    return widest / side if side else 0.0
+
+
+def blind(path: Path, size: int) -> Blinded:
     """The one pipeline: decode -> grayscale -> centre square crop -> size x size -> bare PNG."""
     try:
         arr = _decode(Path(path))
@@ -153,10 +193,26 @@ def blind_png(path: Path, size: int) -> bytes:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     arr = arr[top:top + side, left:left + side]
-    img = PILImage.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
+    img = PILImage.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
     if side != size:
         img = img.resize((size, size), PILImage.Resampling.LANCZOS)
-    return encode_png(img)
+    return Blinded(encode_png(img), edge_bars(arr))
+
+
+def blind_png(path: Path, size: int) -> bytes:
+    """`blind`, bytes only."""
+    return blind(path, size).data
+
+
+def dither_png(data: bytes, seed: bytes) -> bytes:
+    """The same picture with every pixel moved by -1, 0 or +1 grey level (clipped to 0..255), drawn
+    from `seed`: invisible, yet two tasks showing one image (a repeat, or two readers) never get
+    byte-identical files. Length, format and chunks stay those of `encode_png`."""
+    with PILImage.open(io.BytesIO(data)) as img:
+        arr = np.asarray(img, dtype=np.int16)
+    rng = np.random.default_rng(list(np.frombuffer(seed, dtype=np.uint32)))
+    noise = rng.integers(-1, 2, size=arr.shape, dtype=np.int16)
+    return encode_png(PILImage.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8)))
 
 
 def encode_png(img: PILImage.Image) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pydantic import Field
@@ -59,14 +60,22 @@ class AnswerRejected(ValueError):
     """The submitted form does not answer the study's questions."""
 
 
+_ASCII_INT = re.compile(r"[0-9]{1,12}")
+
+
+def _ascii_int(raw: str) -> int | None:
+    """ASCII digits only: `str.isdigit` also accepts '²' (int() then fails) and '٣' (int() reads 3)."""
+    return int(raw) if _ASCII_INT.fullmatch(raw) else None
+
+
 def parse_answer(q: QuestionsConfig, form: dict[str, str]) -> AnswerInput:
     """Validate form fields; required = every enabled question except the comment."""
 
     def _int(name: str, lo: int, hi: int) -> int:
-        raw = (form.get(name) or "").strip()
-        if not raw.isdigit() or not lo <= int(raw) <= hi:
+        value = _ascii_int((form.get(name) or "").strip())
+        if value is None or not lo <= value <= hi:
             raise AnswerRejected(f"{name} must be a whole number from {lo} to {hi}")
-        return int(raw)
+        return value
 
     realism = _int("realism", 1, 5) if q.realism else None
     judged_real = None
@@ -84,7 +93,7 @@ def parse_answer(q: QuestionsConfig, form: dict[str, str]) -> AnswerInput:
     comment = None
     if q.comment:
         comment = (form.get("comment") or "").strip()[:4000] or None
-    raw_ms = (form.get("elapsed_ms") or "").strip()
-    client_ms = min(int(raw_ms), 86_400_000) if raw_ms.isdigit() else None
+    raw_ms = _ascii_int((form.get("elapsed_ms") or "").strip())
+    client_ms = min(raw_ms, 86_400_000) if raw_ms is not None else None
     return AnswerInput(realism, judged_real, confidence, finding, comment, client_ms)
 

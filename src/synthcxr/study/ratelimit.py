@@ -1,10 +1,11 @@
 """A small in-process limiter for failed token attempts (admin sign-in, invite links).
 
-Tokens are 256-bit random values, so guessing is hopeless anyway; the limiter keeps a scanner from
-hammering the database and makes such traffic visible as HTTP 429. It counts only *failures* per
-client address in a sliding window. While an address is blocked every attempt is refused, the
-correct token included, so a blocked client cannot keep probing. State lives in memory: one
-server process, reset on restart, which is all a reader study needs.
+Tokens are 256-bit random values, so guessing is hopeless anyway; the limiter slows a scanner down
+and makes such traffic visible as HTTP 429. It counts only *failures* in a sliding window, under
+any keys the caller chooses (the app uses the client address and the token tried). A correct token
+is never refused: the app checks it before consulting the limiter, so people sharing one address
+(a hospital) cannot lock each other out. State lives in memory: one server process, reset on
+restart, which is all a reader study needs.
 """
 
 from __future__ import annotations

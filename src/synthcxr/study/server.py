@@ -64,7 +64,9 @@ def serve(settings: StudySettings, host: str = "127.0.0.1", port: int = 8000) ->
 
     from synthcxr.study.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True,
+    # the app reads X-Forwarded-For itself, only from `trusted_proxies` (uvicorn would believe any
+    # loopback peer by default)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=False,
                 log_config=log_config())
 
 
@@ -79,7 +81,8 @@ def background_server(settings: StudySettings, host: str = "127.0.0.1", port: in
 
     port = port or free_port(host)
     extra: dict[str, Any] = {"log_config": log_config(), "log_level": "info"} if access_log else {"log_level": "warning"}
-    config = uvicorn.Config(create_app(settings), host=host, port=port, access_log=access_log, **extra)
+    config = uvicorn.Config(create_app(settings), host=host, port=port, access_log=access_log, proxy_headers=False,
+                            **extra)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="study-server", daemon=True)
     thread.start()

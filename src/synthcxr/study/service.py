@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
+import hashlib
+import hmac
 import random
 import re
+import secrets
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +26,9 @@ from synthcxr.errors import StudyError
 from synthcxr.fileio import atomic_write_bytes, atomic_write_text, sha256_bytes
 from synthcxr.logging_utils import get_logger, progress_bar
 from synthcxr.study import db
+from synthcxr.study.csvsafe import csv_text
 from synthcxr.study.db import AdminToken, Answer, Image, Reader, Study, Task, session_scope
-from synthcxr.study.images import SourceImage, blind_png, collect_model, collect_real
+from synthcxr.study.images import SourceImage, blind, collect_model, collect_real, dither_png, source_size
 from synthcxr.study.questions import AnswerInput, QuestionsConfig
 from synthcxr.study.security import database_secret, hash_token, new_token, opaque_id
 
@@ -67,6 +70,9 @@ class CreatedStudy:
     image_dir: Path
     admin_token: str | None = None
     groups: dict[str, int] = field(default_factory=dict)
+    blinding: dict[str, Any] = field(default_factory=dict)
+    """Study size, each group's source sizes and framing, and the leak check (also stored in the study)."""
+    warnings: list[str] = field(default_factory=list)
 
 
 # --- creating a study ---------------------------------------------------------------------------
@@ -113,13 +119,41 @@ def _slug(name: str) -> str:
     return slug
 
 
-def _reading_order(image_ids: Sequence[str], seed: int, reader_name: str, repeats: int) -> list[tuple[str, int | None]]:
-    """Seeded random order for one reader; repeats re-show `repeats` images later on.
+def check_name(kind: str, name: str) -> str:
+    """Study and reader names appear in admin URLs: refuse '/' and '\\' (a path separator even when
+    escaped), control characters and blank names, with the fix."""
+    bad = [c for c in ("/", "\\") if c in name]
+    if bad:
+        raise StudyError(f"{kind} name {name!r} contains {bad[0]!r}, which admin page links cannot carry",
+                         fix=f"choose a {kind} name without '/' or '\\' (e.g. {name.replace('/', '-').replace(chr(92), '-')!r})")
+    if not name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name) > 200:
+        raise StudyError(f"{kind} name {name!r} is empty, too long (> 200) or contains control characters",
+                         fix=f"choose a {kind} name of printable characters")
+    return name
+
+
+def new_order_key() -> str:
+    """A study's secret for reading orders: 256 random bits from the OS (`secrets`)."""
+    return secrets.token_hex(32)
+
+
+def _keyed(order_key: str, purpose: str) -> bytes:
+    return hmac.new(order_key.encode(), purpose.encode(), hashlib.sha256).digest()
+
+
+def _reading_order(image_ids: Sequence[str], order_key: str, reader_name: str,
+                   repeats: int) -> list[tuple[str, int | None]]:
+    """Random order for one reader; repeats re-show `repeats` images later on.
+
+    The order is drawn from HMAC(study's secret key, reader name): the key is random per study and
+    never leaves the database, so knowing the code, the seed and the reader's name predicts nothing
+    (the old `Random(f"{seed}:{reader}")` gave away real vs synthetic at every position). It is
+    drawn once, stored as task positions, and read back from there ever after.
 
     Returns (image_id, index of the original in the list or None). A repeat is placed at least a
     few images after its original so it is not recognised from short-term memory.
     """
-    rng = random.Random(f"{seed}:{reader_name}")
+    rng = random.Random(int.from_bytes(_keyed(order_key, "order:" + reader_name), "big"))
     order: list[tuple[str, int | None]] = [(i, None) for i in image_ids]
     rng.shuffle(order)
     if repeats:
@@ -135,8 +169,17 @@ def _reading_order(image_ids: Sequence[str], seed: int, reader_name: str, repeat
     return order
 
 
+def task_image(task: Task) -> bytes:
+    """The file served for one task: the blinded image with this task's own dither (`dither_png`),
+    drawn from the study's secret, so it is the same on every request but differs between tasks."""
+    image = task.image
+    data = (Path(image.study.image_dir) / f"{image.id}.png").read_bytes()
+    return dither_png(data, _keyed(image.study.order_key or "", "dither:" + task.public_id))
+
+
 def _add_reader(session: Session, study: Study, reader_name: str, secret: str) -> str:
     """Create a reader with their own order of tasks; returns the invite token (stored hashed)."""
+    check_name("reader", reader_name)
     if session.scalar(select(Reader).where(Reader.study_id == study.id, Reader.name == reader_name)):
         raise StudyError(f"study {study.name!r} already has a reader called {reader_name!r}",
                          fix="choose another --reader-name, or `study reissue` to give them a new link")
@@ -144,10 +187,11 @@ def _add_reader(session: Session, study: Study, reader_name: str, secret: str) -
     reader = Reader(study_id=study.id, name=reader_name, invite_hash=hash_token(secret, "invite:" + token))
     session.add(reader)
     session.flush()
-    # start from a content-based order (not the random ids) so the same seed gives the same order
+    if study.order_key is None:
+        study.order_key = new_order_key()
     images = session.execute(select(Image.id, Image.model, Image.original_path).where(Image.study_id == study.id))
     image_ids = [i for i, *_ in sorted(images, key=lambda row: (row[1], row[2]))]
-    order = _reading_order(image_ids, study.seed, reader_name, study.repeats)
+    order = _reading_order(image_ids, study.order_key, reader_name, study.repeats)
     tasks = [Task(public_id=opaque_id(), reader_id=reader.id, image_id=i, position=n) for n, (i, _) in enumerate(order)]
     session.add_all(tasks)
     session.flush()
@@ -219,6 +263,67 @@ def serve_admin_token(db_url: str, *, new: bool = False, revoke_old: bool = Fals
     return None
 
 
+MAX_AUTO_SIZE = 512
+PAD_BAR_FRACTION = 0.02  # a uniform band this wide (fraction of the side) at an edge counts as padding
+
+
+def _geometry(chosen: Sequence[SourceImage]) -> list[tuple[int, int]]:
+    """(width, height) of every chosen image, from file headers only (fast, before any work)."""
+    with progress_bar(len(chosen), "reading image sizes") as (bar, task):
+        sizes = []
+        for src in chosen:
+            sizes.append(source_size(src.path))
+            bar.advance(task)
+    return sizes
+
+
+def _group_framing(chosen: Sequence[SourceImage], sizes: Sequence[tuple[int, int]], bars: Sequence[float],
+                   image_size: int) -> dict[str, dict[str, Any]]:
+    """Per group: how many images, their source sizes, and what the pipeline had to do to them."""
+    from collections import Counter
+
+    out: dict[str, dict[str, Any]] = {}
+    for group in sorted({src.group for src in chosen}):
+        idx = [n for n, src in enumerate(chosen) if src.group == group]
+        dims = [sizes[n] for n in idx]
+        counts = Counter(f"{w}x{h}" for w, h in dims)
+        out[group] = {
+            "n": len(idx),
+            "sizes": dict(counts.most_common(5)),
+            "distinct_sizes": len(counts),
+            "smallest_side": min(min(d) for d in dims),
+            "largest_side": max(min(d) for d in dims),
+            "cropped": sum(w != h for w, h in dims),  # centre-cropped to a square
+            "enlarged": sum(min(d) < image_size for d in dims),
+            "padded": sum(bars[n] >= PAD_BAR_FRACTION for n in idx),
+        }
+    return out
+
+
+def _check_enlargement(chosen: Sequence[SourceImage], sizes: Sequence[tuple[int, int]], image_size: int,
+                       allow_enlarge: bool) -> list[str]:
+    """Refuse (or, with `allow_enlarge`, warn about) images smaller than the study size."""
+    small: dict[str, list[tuple[int, int]]] = {}
+    for src, (w, h) in zip(chosen, sizes, strict=True):
+        if min(w, h) < image_size:
+            small.setdefault(src.group, []).append((w, h))
+    if not small:
+        return []
+    n_by_group = {g: sum(src.group == g for src in chosen) for g in small}
+    parts = []
+    for group, dims in sorted(small.items()):
+        w, h = min(dims, key=min)
+        parts.append(f"{len(dims)} of {n_by_group[group]} images of {group!r} (smallest {w}x{h})")
+    what = (f"{'; '.join(parts)} are smaller than the study size of {image_size} px and would be enlarged: "
+            "enlarged images are blurrier and compress differently, which lets readers tell the groups apart")
+    if not allow_enlarge:
+        smallest = min(min(d) for d in sizes)
+        raise StudyError(what, fix=f"use --image-size {smallest} (the smallest side of all images), bring larger "
+                                   "images, or pass --allow-enlarge to enlarge anyway (then a warning is printed "
+                                   "and the leak check measures the effect)")
+    return [what + " (--allow-enlarge)"]
+
+
 def create_study(
     db_url: str,
     name: str,
@@ -230,24 +335,33 @@ def create_study(
     seed: int = 0,
     questions: QuestionsConfig | dict[str, Any] | None = None,
     repeats: int = 0,
-    image_size: int = 512,
+    image_size: int | None = None,
     study_dir: str | Path | None = None,
     base_url: str = "http://127.0.0.1:8000",
+    allow_enlarge: bool = False,
 ) -> CreatedStudy:
-    """Blind and store the images, create readers with their own seeded order, return invite links.
+    """Blind and store the images, check them for leaks, create readers with secret random orders,
+    return invite links.
 
     `real`: folder(s) of real control images; `models`: run directories or generation folders
     (with manifest.jsonl), optionally `name=path`; `per_model`/`real_count`: images sampled per
-    group (None = all); `readers`: a count or a list of names; `repeats`: images shown twice to
-    each reader (intra-reader agreement).
+    group (None = all; `seed` decides which); `readers`: a count or a list of names; `repeats`:
+    images shown twice to each reader (intra-reader agreement); `image_size`: side of the square
+    images readers see (None = the smallest side of all chosen images, at most 512). Images smaller
+    than `image_size` are refused unless `allow_enlarge` (then a warning).
     """
+    from synthcxr.study.leakcheck import features, leak_check, warnings_for
+
     # 1. check inputs before touching anything
     q = questions if isinstance(questions, QuestionsConfig) else QuestionsConfig.model_validate(questions or {})
-    if not 16 <= image_size <= 4096:
+    check_name("study", name)
+    if image_size is not None and not 16 <= image_size <= 4096:
         raise StudyError(f"image size {image_size} is out of range", fix="use --image-size between 16 and 4096")
     if repeats < 0:
         raise StudyError("repeats must be >= 0", fix="pass --repeats 0 or more")
     reader_names = [f"reader-{i + 1}" for i in range(readers)] if isinstance(readers, int) else list(readers)
+    for reader_name in reader_names:
+        check_name("reader", reader_name)
     if len(set(reader_names)) != len(reader_names):
         raise StudyError("reader names must be unique")
     ensure_db(db_url)
@@ -267,9 +381,15 @@ def create_study(
         chosen += _sample(collect_model(path, group), per_model, rng, f"model {group!r}", path)
     if not chosen:
         raise StudyError("the study has no images", fix="pass --real and/or --model")
-    rng.shuffle(chosen)  # also the order files are written in: nothing groups by source on disk
+    secrets.SystemRandom().shuffle(chosen)  # also the order files are written in: nothing groups by source on disk
 
-    # 3. blind every image through the one pipeline into the study folder, under opaque ids
+    # 3. source sizes: choose the study size, refuse enlargement unless asked
+    sizes = _geometry(chosen)
+    if image_size is None:
+        image_size = max(16, min(MAX_AUTO_SIZE, min(min(d) for d in sizes)))
+    warnings = _check_enlargement(chosen, sizes, image_size, allow_enlarge)
+
+    # 4. blind every image through the one pipeline into the study folder, under opaque ids
     from synthcxr.study.settings import load_settings
 
     root = Path(study_dir) if study_dir is not None else load_settings().dir
@@ -279,27 +399,40 @@ def create_study(
                          fix="choose another --name or --dir (nothing was overwritten)")
     image_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Image] = []
+    bars: list[float] = []
+    feats: dict[str, list[dict[str, float]]] = {}
     try:
         with progress_bar(len(chosen), "blinding images") as (bar, task):
             for src in chosen:
-                data = blind_png(src.path, image_size)
+                blinded = blind(src.path, image_size)
                 image_id = opaque_id()
-                atomic_write_bytes(image_dir / f"{image_id}.png", data)
+                atomic_write_bytes(image_dir / f"{image_id}.png", blinded.data)
                 rows.append(Image(id=image_id, source=src.source, model=src.group, intended_label=src.label,
-                                  original_path=str(src.path), prompt=src.prompt, sha256=sha256_bytes(data)))
+                                  original_path=str(src.path), prompt=src.prompt, sha256=sha256_bytes(blinded.data)))
+                bars.append(blinded.bars)
+                feats.setdefault(src.group, []).append(features(blinded.data))
                 bar.advance(task)
     except BaseException:
         shutil.rmtree(image_dir, ignore_errors=True)  # only files this call just made
         raise
 
-    # 4. one transaction: study, images, readers, tasks
+    # 5. record sizes and framing, and how well file properties alone separate real from each model
+    check = leak_check(feats, REAL_GROUP)
+    warnings += warnings_for(check)
+    blinding = {"image_size": image_size, "groups": _group_framing(chosen, sizes, bars, image_size),
+                "leak_check": check, "warnings": warnings}
+    for warning in warnings:
+        log.warning("study %r: %s", name, warning)
+
+    # 6. one transaction: study, images, readers, tasks
     invites: dict[str, str] = {}
     admin_token = None
     try:
         with session_scope(db_url) as session:
             secret = secret_for(session)
             study = Study(name=name, seed=seed, image_dir=str(image_dir), image_size=image_size,
-                          questions=q.model_dump(mode="json"), repeats=repeats)
+                          questions=q.model_dump(mode="json"), repeats=repeats, order_key=new_order_key(),
+                          blinding=blinding)
             session.add(study)
             session.flush()
             for row in rows:
@@ -317,9 +450,10 @@ def create_study(
     groups: dict[str, int] = {}
     for row in rows:
         groups[row.model] = groups.get(row.model, 0) + 1
-    log.info("study %r: %d images (%s), %d readers", name, len(rows),
-             ", ".join(f"{g}={n}" for g, n in sorted(groups.items())), len(reader_names))
-    return CreatedStudy(name, invites, len(rows), len(rows) + min(repeats, len(rows)), image_dir, admin_token, groups)
+    log.info("study %r: %d images (%s) at %d px, %d readers", name, len(rows),
+             ", ".join(f"{g}={n}" for g, n in sorted(groups.items())), image_size, len(reader_names))
+    return CreatedStudy(name, invites, len(rows), len(rows) + min(repeats, len(rows)), image_dir, admin_token, groups,
+                        blinding, warnings)
 
 
 def get_study(session: Session, name: str) -> Study:
@@ -386,6 +520,15 @@ def record_answer(session: Session, task: Task, answer: AnswerInput) -> bool:
         session.rollback()
         return False
     return True
+
+
+def answer_matches(session: Session, task: Task, answer: AnswerInput) -> bool:
+    """Whether the stored answer of `task` says the same as `answer` (a double submit, not a change
+    of mind in a second tab); the time taken does not count."""
+    stored = session.scalar(select(Answer).where(Answer.task_id == task.id))
+    return stored is not None and (stored.realism, stored.judged_real, stored.confidence, stored.finding,
+                                   stored.comment) == (answer.realism, answer.judged_real, answer.confidence,
+                                                       answer.finding, answer.comment)
 
 
 def progress(session: Session, reader_id: int) -> tuple[int, int]:
@@ -483,14 +626,8 @@ def ratings_table(db_url: str, name: str) -> list[dict[str, Any]]:
 
 
 def ratings_csv(rows: list[dict[str, Any]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in EXPORT_COLUMNS})
-    return buf.getvalue()
+    """CSV of `ratings_table` rows; text that a spreadsheet would run as a formula is neutralised."""
+    return csv_text(rows, EXPORT_COLUMNS)
 
 
 def export_ratings(db_url: str, name: str, out: str | Path) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from synthcxr.config import StrictModel, format_validation_error
 
@@ -39,6 +39,23 @@ class StudySettings(StrictModel):
     """Failed admin-token or invite-link attempts allowed per client address per window; 0 = no limit."""
     login_window_minutes: float = 15.0
     """The window for `login_attempts`; a blocked client gets HTTP 429 with Retry-After."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses or networks of reverse proxies whose X-Forwarded-For is believed (comma-separated
+    in the environment, e.g. `127.0.0.1,10.0.0.0/8`); empty = the connecting address is the client."""
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: object) -> object:
+        import ipaddress
+
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list):
+            for item in items:
+                try:
+                    ipaddress.ip_network(str(item), strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or network (e.g. 10.0.0.1 or 10.0.0.0/8)") from None
+        return items
 
     @field_validator("session_days", "admin_token_days", "login_window_minutes")
     @classmethod
