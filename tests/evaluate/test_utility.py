@@ -197,3 +197,27 @@ def test_unknown_labels_are_an_error_naming_the_image(separable, tmp_path):
         utility_check(separable["real"] + odd, separable["test"], [], UtilityConfig(**FAST), device="cpu", seed=0,
                       split_path=None)
     assert "tuberculosis: 1, tb" in err.value.render().lower()
+
+
+def test_cli_tests_the_classifier_on_the_test_patients_of_a_saved_split(tmp_path):
+    """`--split` (a training run's splits.json): the generator's held-out patients are the test set."""
+    from synthcxr.cli import main
+    from synthcxr.data.config import DataConfig, SplitConfig
+    from synthcxr.data.dataset import load_records
+    from synthcxr.data.fixtures import make_fixture_dataset
+    from synthcxr.data.splits import split_records
+
+    from .conftest import make_images
+
+    data = make_fixture_dataset(tmp_path / "data", "shenzhen", n=24, size=32)
+    split = tmp_path / "splits.json"
+    groups = split_records(load_records(DataConfig(path=data)), SplitConfig(val=0.2, test=0.25), split)
+    fake = make_images(tmp_path / "fake", 8, size=32, seed=2, layout="generation")
+    out = tmp_path / "eval.json"
+    main(["evaluate", "--real", str(data), "--fake", str(fake), "--train", str(data), "--split", str(split),
+          "--out", str(out), "--metrics", "utility", "--extractor", "random", "--set", "utility.classifier=small",
+          "--set", "utility.image_size=32", "--set", "utility.seeds=1", "--set", "utility.n_boot=20", "--set", "utility.sex=false"])
+    res = json.loads(out.read_text())["utility"]
+    assert "saved split" in res["split"]["source"]
+    assert res["split"]["n_test"] == len(groups["test"]) and res["split"]["n_val"] == len(groups["val"])
+    assert res["split"]["n_test_patients"] == len({r.patient_id for r in groups["test"]})

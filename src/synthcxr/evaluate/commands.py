@@ -13,6 +13,7 @@ def evaluate(
     fake: Annotated[Path | None, typer.Option("--fake", help="Synthetic images (folder, or a generate folder with manifest.jsonl).")] = None,
     train: Annotated[Path | None, typer.Option("--train", help="The generator's real training images (memorization, classifier).")] = None,
     test: Annotated[Path | None, typer.Option("--test", help="Real held-out test images for the classifier.")] = None,
+    split: Annotated[Path | None, typer.Option("--split", help="Saved patient-level split of --train (e.g. a run's splits.json): the classifier is tested on its test patients.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results JSON (written atomically).")] = None,
     extractor: Annotated[str | None, typer.Option("--extractor", help="inception | xrv | random | timm:NAME | torchvision:NAME")] = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of fidelity,diversity,memorization,utility.")] = None,
@@ -25,7 +26,7 @@ def evaluate(
     from synthcxr.evaluate.run import evaluate as run_evaluate
 
     data: dict[str, Any] = read_yaml(config) if config else {}
-    for key, value in (("real", real), ("fake", fake), ("train", train), ("test", test), ("out", out)):
+    for key, value in (("real", real), ("fake", fake), ("train", train), ("test", test), ("split", split), ("out", out)):
         if value is not None:
             data[key] = str(value)
     if extractor is not None:
