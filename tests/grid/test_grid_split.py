@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -19,14 +18,16 @@ from synthcxr.grid.run import Stages, run_grid
 
 
 def _train_like_the_engine(config: dict[str, Any], out_dir: Path, resume: bool) -> Path:
-    """The training engine's own data step (records -> saved split -> train records), then DONE."""
+    """The training loop's data step (its two data-layer calls: records -> split saved in the run), then DONE."""
+    from synthcxr.data.dataset import load_records
+    from synthcxr.data.splits import split_records
     from synthcxr.train.config import TrainConfig
-    from synthcxr.train.loop import _load_data
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config))
-    _load_data(build_config(TrainConfig, config, "test"), SimpleNamespace(root=out), True)
+    cfg = build_config(TrainConfig, config, "test")
+    split_records(load_records(cfg.data), cfg.data.split, out_path=out / "splits.json")
     (out / "DONE").write_text("ok\n")
     return out
 
@@ -41,7 +42,8 @@ def test_grid_holds_out_test_patients_from_every_runs_training(tmp_path):
                                       "data": {"path": str(data), "resolution": 32, "split": {"val": 0.2, "test": 0.2}},
                                       "method": {"name": "lora"}, "optimizer": {"name": "adamw", "lr": 1e-4}},
             "axes": {"lr": [1e-4, 2e-4], "seed": [0, 1]}, "baseline": True,
-            "generate": {"prompt": "a chest x-ray", "n": 2}, "evaluate": {"metrics": ["utility"]}}
+            "generate": {"prompt": "a chest x-ray", "n": 2}, "evaluate": {"metrics": ["utility"]},
+            "study": {"per_model": 1, "real_count": 2}}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     plan = expand_grid(load_grid(path), grid_file=path)
@@ -52,9 +54,15 @@ def test_grid_holds_out_test_patients_from_every_runs_training(tmp_path):
         evaluations.append(dict(settings))
         return fake.evaluate(settings, images_dir, out_json, train_config)
 
+    studies: list[Any] = []
+
+    def study(request):
+        studies.append(request)
+        return fake.study(request)
+
     out = tmp_path / "out"
     result = run_grid(plan, out, stages=Stages(train=_train_like_the_engine, generate=fake.generate, evaluate=evaluate,
-                                               split=real_stages.split_stage))
+                                               split=real_stages.split_stage, study=study))
     assert result.ok, result.describe()
     shared = out / "split.json"
     test_patients = _patients(shared, "test")
@@ -72,6 +80,9 @@ def test_grid_holds_out_test_patients_from_every_runs_training(tmp_path):
 
     sides = items_by_split(read_image_set(evaluations[0]["train"], "train").items, Path(evaluations[0]["split"]))
     assert {it.patient_id for it in sides["test"]} == test_patients
+    # the reader study's real controls are held-out patients too
+    assert studies and isinstance(studies[0].real, list) and len(studies[0].real) >= 2
+    assert {Path(p).stem.rsplit("_", 1)[0] for p in studies[0].real} <= test_patients
     # rerun: nothing is split or trained again, the saved split is kept as it is
     before = shared.read_text()
     again = run_grid(plan, out, stages=Stages(train=_train_like_the_engine, generate=fake.generate, evaluate=evaluate,

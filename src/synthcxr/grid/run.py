@@ -462,10 +462,30 @@ def _study_request(plan: GridPlan, out_dir: Path, results: list[RunResult]) -> S
     if not models:
         return None
     real = plan.evaluate.get("real") or (plan.base.get("data") or {}).get("path")
+    if plan.evaluate.get("split") and plan.evaluate.get("train") and real == plan.evaluate["train"]:
+        real = _held_out_images(plan, Path(plan.evaluate["split"]), plan.study.real_count) or real
     return StudyRequest(name=plan.study.name or plan.name, out_dir=out_dir / "study", models=models, real=real,
                         per_model=plan.study.per_model, real_count=plan.study.real_count,
                         readers=plan.study.readers, db=plan.study.db, simulate=plan.study.simulate,
                         options=dict(plan.study.options))
+
+
+def _held_out_images(plan: GridPlan, split_file: Path, needed: int) -> list[str] | None:
+    """Real study controls from the shared split's held-out patients (test, then val), whom no
+    generator saw: a reader is never shown a training image beside its memorised copy."""
+    from synthcxr.data.config import DataConfig
+    from synthcxr.data.dataset import load_records
+    from synthcxr.data.splits import read_split, record_id
+
+    assignment = read_split(split_file)
+    records = load_records(DataConfig(**{k: v for k, v in (plan.base.get("data") or {}).items() if k != "split"}))
+    for sides in (("test",), ("test", "val")):
+        paths = [str(r.image_path) for r in records if r.image_path is not None and assignment.get(record_id(r)) in sides]
+        if len(paths) >= needed:
+            return paths
+    log.warning("the split's held-out patients have fewer than %d images: the study's real controls come from %s",
+                needed, plan.evaluate.get("real"))
+    return None
 
 
 def _run_study(plan: GridPlan, out_dir: Path, results: list[RunResult], stages: Stages,
