@@ -88,3 +88,27 @@ def test_grid_holds_out_test_patients_from_every_runs_training(tmp_path):
     again = run_grid(plan, out, stages=Stages(train=_train_like_the_engine, generate=fake.generate, evaluate=evaluate,
                                               split=real_stages.split_stage))
     assert again.ok and shared.read_text() == before
+
+
+def test_a_split_without_test_patients_is_shared_for_training_and_warned_about(tmp_path, caplog):
+    data = make_fixture_dataset(tmp_path / "data", "shenzhen", n=10, size=32)
+    grid = {"name": "no-test", "base": {"model": {"path": "models/tiny"},
+                                        "data": {"path": str(data), "resolution": 32, "split": {"val": 0.2, "test": 0.0}},
+                                        "method": {"name": "lora"}, "optimizer": {"name": "adamw", "lr": 1e-4}},
+            "axes": {"lr": [1e-4]}, "generate": {"prompt": "a chest x-ray", "n": 2}, "evaluate": {"metrics": ["utility"]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    plan = expand_grid(load_grid(path), grid_file=path)
+    fake = FakeStages(tmp_path / "calls.jsonl")
+    seen: list[dict[str, Any]] = []
+
+    def evaluate(settings, images_dir, out_json, train_config):
+        seen.append(dict(settings))
+        return fake.evaluate(settings, images_dir, out_json, train_config)
+
+    with caplog.at_level("WARNING", logger="synthcxr"):
+        result = run_grid(plan, tmp_path / "out", stages=Stages(train=_train_like_the_engine, generate=fake.generate,
+                                                                evaluate=evaluate, split=real_stages.split_stage))
+    assert result.ok and seen and "split" not in seen[0]
+    assert "holds out no test patients" in caplog.text
+    assert read_split(tmp_path / "out" / "runs" / "lr0.0001" / "train" / "splits.json") == read_split(tmp_path / "out" / "split.json")

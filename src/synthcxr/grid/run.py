@@ -571,7 +571,12 @@ def share_split(plan: GridPlan, out_dir: Path, stages: Stages) -> Path | None:
     for spec in plan.runs:
         if spec.train is not None:
             spec.train.setdefault("data", {}).setdefault("split", {})["file"] = str(path)
-    if not plan.evaluate.get("test") and not plan.evaluate.get("split"):
+    from synthcxr.data.splits import read_split
+
+    if "test" not in read_split(path).values():
+        log.warning("the grid's split %s holds out no test patients (data.split.test = 0): the utility classifiers "
+                    "are tested on patients the generators trained on", path)
+    elif not plan.evaluate.get("test") and not plan.evaluate.get("split"):
         plan.evaluate["split"] = str(path)
         from synthcxr.grid.expand import single_folder
 
