@@ -18,7 +18,7 @@ def evaluate(
     extractor: Annotated[str | None, typer.Option("--extractor", help="inception | xrv | random | timm:NAME | torchvision:NAME")] = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of fidelity,diversity,memorization,utility.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with EvaluateConfig keys.")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set fidelity.bootstrap=20")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set fidelity.ci_groups=10")] = None,
 ) -> None:
     """Fidelity (FID/KID/PRDC), diversity (MS-SSIM), memorization and classifier utility of synthetic images."""
     from synthcxr.config import apply_overrides, build_config, read_yaml

@@ -1,4 +1,4 @@
-"""Fidelity metrics on feature arrays: FID, KID, precision/recall/density/coverage, bootstrap CIs.
+"""Fidelity metrics on feature arrays: FID, KID, precision/recall/density/coverage, jackknife CIs.
 
 All functions take `real` (N x D) and `fake` (M x D) features and know nothing about images.
 
@@ -7,14 +7,16 @@ FID  = ||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2)  (Heusel et al. 2017)
        `method="svd"`: the same trace computed exactly as the nuclear norm of A B^T / sqrt((N-1)(M-1))
        with A, B the centred feature matrices (the eigenvalues of S_r S_f are the squared singular
        values of that matrix). It never forms a D x D square root, is numerically stable for the
-       rank-deficient covariances of small sets, and is what the bootstrap uses (fast).
+       rank-deficient covariances of small sets, and is what the jackknife uses (fast).
 KID  = unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / D + 1)^3 (Binkowski et al.
        2018), averaged over random subsets, as torchmetrics/clean-fid do.
 PRDC = Naeem et al. 2020 with k nearest neighbours in Euclidean feature space (k=5 by default, as
        CheXGenBench), identical to the `prdc` reference package.
-CIs  = percentile bootstrap (both sets resampled with replacement). FID replicates are biased upward
-       (duplicates shrink the effective set), so the FID interval shows the spread and may sit above
-       the point estimate; KID replicates use the same unbiased formula on the resampled positions.
+CIs  = two-sample delete-a-group jackknife (see `jackknife_intervals`). Not the bootstrap: resampling
+       with replacement puts duplicate images into KID's within-set kernel sums, FID's covariances
+       and the k-NN radii (a duplicate is its own neighbour at distance 0), so bootstrap replicates
+       are biased and their percentile intervals can miss the estimate entirely (two halves of one
+       real set got a KID interval that excluded 0). Leaving images out never duplicates one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 
 from synthcxr.errors import EvaluationError
 
@@ -108,7 +111,7 @@ def mmd2_unbiased(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float
 
 
 class KernelMatrices:
-    """Kernel matrices of the full sets, computed once; subsets and bootstrap draws only index them."""
+    """Kernel matrices of the full sets, computed once; subsets and jackknife replicates only index them."""
 
     def __init__(self, real: np.ndarray, fake: np.ndarray, degree: int = 3, gamma: float | None = None, coef: float = 1.0):
         real = np.asarray(real, np.float64)
@@ -152,57 +155,109 @@ def _pairwise(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(sq, 0, None))
 
 
-class PRDCParts:
-    """Per-sample indicators whose means are precision/recall/density/coverage (Naeem et al. 2020).
+class PRDCDistances:
+    """Pairwise distances of the full sets, computed once; `values` recomputes PRDC on any subsets.
 
-    Bootstrap CIs resample these per-sample terms while the k-NN manifolds stay those of the full sets
-    (resampling the manifold itself would create duplicate points at distance 0 and shrink the radii).
+    The k-NN manifolds (radii) are recomputed from the kept images only, so a jackknife replicate is
+    exactly PRDC of a smaller set (no image is ever duplicated: duplicates sit at distance 0 from
+    each other and would shrink the radii).
     """
 
     def __init__(self, real: np.ndarray, fake: np.ndarray, k: int = 5):
         _check(real, fake, k + 1, f"precision/recall/density/coverage (k={k})")
-        real_radii = _kth_neighbour_distance(_pairwise(real, real), k)
-        fake_radii = _kth_neighbour_distance(_pairwise(fake, fake), k)
-        d_rf = _pairwise(real, fake)
-        inside_real = d_rf < real_radii[:, None]  # fake j inside real i's ball
         self.k = k
-        self.precision = inside_real.any(axis=0).astype(np.float64)  # per fake
-        self.density = inside_real.sum(axis=0) / k  # per fake
-        self.recall = (d_rf < fake_radii[None, :]).any(axis=1).astype(np.float64)  # per real
-        self.coverage = (d_rf.min(axis=1) < real_radii).astype(np.float64)  # per real
+        self.d_rr = _pairwise(real, real)
+        self.d_ff = _pairwise(fake, fake)
+        self.d_rf = _pairwise(real, fake)
 
     def values(self, idx_r: np.ndarray | None = None, idx_f: np.ndarray | None = None) -> dict[str, float]:
-        sel_f = slice(None) if idx_f is None else idx_f
-        sel_r = slice(None) if idx_r is None else idx_r
+        d_rr, d_ff, d_rf = self.d_rr, self.d_ff, self.d_rf
+        if idx_r is not None:
+            d_rr, d_rf = d_rr[np.ix_(idx_r, idx_r)], d_rf[idx_r]
+        if idx_f is not None:
+            d_ff, d_rf = d_ff[np.ix_(idx_f, idx_f)], d_rf[:, idx_f]
+        real_radii = _kth_neighbour_distance(d_rr, self.k)
+        fake_radii = _kth_neighbour_distance(d_ff, self.k)
+        inside_real = d_rf < real_radii[:, None]  # fake j inside real i's ball
         return {
-            "precision": float(self.precision[sel_f].mean()),
-            "recall": float(self.recall[sel_r].mean()),
-            "density": float(self.density[sel_f].mean()),
-            "coverage": float(self.coverage[sel_r].mean()),
+            "precision": float(inside_real.any(axis=0).mean()),
+            "recall": float((d_rf < fake_radii[None, :]).any(axis=1).mean()),
+            "density": float(inside_real.sum(axis=0).mean() / self.k),
+            "coverage": float((d_rf.min(axis=1) < real_radii).mean()),
         }
 
 
 def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
-    return PRDCParts(real, fake, k).values()
+    return PRDCDistances(real, fake, k).values()
 
 
-def bootstrap(stat: Callable[[np.ndarray, np.ndarray], dict[str, float] | float], n_real: int, n_fake: int,
-              n_boot: int, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap: resample both sets with replacement `n_boot` times, return (low, high) per statistic."""
+CI_METHOD = ("two-sample delete-a-group jackknife: estimate +/- t * SE, SE^2 = sum over both sets of "
+             "(G-1)/G * sum_g (theta_(-g) - mean_g theta_(-g))^2 with each set split into G random groups, "
+             "t with Welch-Satterthwaite degrees of freedom")
+
+#: The range each statistic lives in: interval ends outside it are clipped (the estimate always lies inside).
+#: KID is not clipped below: its unbiased estimate is negative when the sets are alike, and the interval must hold it.
+_RANGES = {"fid": (0.0, np.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "density": (0.0, np.inf),
+           "coverage": (0.0, 1.0)}
+
+
+def jackknife_intervals(stat: Callable[[np.ndarray, np.ndarray], dict[str, float]], estimate: dict[str, float],
+                        n_real: int, n_fake: int, groups: int, seed: int = 0, level: float = 0.95,
+                        extra_var: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Approximate `level` confidence intervals by the two-sample delete-a-group jackknife.
+
+    What an interval means: `estimate +/- t * SE` is an approximate `level` confidence interval for
+    the statistic's expected value at these set sizes (the average over fresh draws of `n_real` real
+    and `n_fake` synthetic images from the same sources). For KID and PRDC that is the population
+    value (KID is unbiased); FID is biased upward at finite sizes, so its interval is for the FID
+    expected *at these sizes*, not the infinite-set FID. It covers the randomness of which images were
+    drawn (both sets), not the choice of extractor, model seed or hyperparameters.
+
+    How: each set is split into G = min(n, `groups`) random groups of near-equal size; `stat` is
+    recomputed with one group of one set left out (the other set whole), giving theta_(-g); the
+    jackknife variance SE^2 = sum over the two sets of (G-1)/G sum_g (theta_(-g) - mean)^2 (with
+    `extra_var` added, e.g. the Monte-Carlo variance of KID's subset average). The jackknife variance
+    tends to err on the large side (Efron & Stein 1981), the safe side for "is this difference real".
+    t is Student's quantile with Welch-Satterthwaite degrees of freedom. Interval ends are clipped to
+    the statistic's range (`_RANGES`), never past the estimate. G = n is the classic delete-1
+    jackknife; fewer groups bound the cost at 2G evaluations of `stat`.
+    """
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        out = stat(rng.integers(0, n_real, n_real), rng.integers(0, n_fake, n_fake))
-        for key, val in (out.items() if isinstance(out, dict) else [("value", out)]):
-            draws.setdefault(key, []).append(val)
-    alpha = (1.0 - level) / 2.0
-    return {key: (float(np.quantile(v, alpha)), float(np.quantile(v, 1.0 - alpha))) for key, v in draws.items()}
+    all_r, all_f = np.arange(n_real), np.arange(n_fake)
+    replicates: list[tuple[int, dict[str, list[float]]]] = []  # per set: (G, key -> theta_(-g))
+    for n, leave in ((n_real, lambda keep: stat(keep, all_f)), (n_fake, lambda keep: stat(all_r, keep))):
+        parts = np.array_split(rng.permutation(n), min(n, groups))
+        draws: dict[str, list[float]] = {}
+        for part in parts:
+            keep = np.sort(np.setdiff1d(np.arange(n), part, assume_unique=True))
+            for key, val in leave(keep).items():
+                draws.setdefault(key, []).append(val)
+        replicates.append((len(parts), draws))
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in estimate.items():
+        var_parts = []
+        for g, draws in replicates:
+            theta = np.asarray(draws[key], np.float64)
+            var_parts.append(((g - 1) / g * ((theta - theta.mean()) ** 2).sum(), g - 1))
+        var = sum(v for v, _ in var_parts) + (extra_var or {}).get(key, 0.0)
+        denom = sum(v * v / df for v, df in var_parts if df > 0)
+        df = var * var / denom if denom > 0 else np.inf
+        se = float(np.sqrt(var))
+        t = float(scipy.stats.t.ppf(0.5 + level / 2.0, df)) if np.isfinite(df) else float(scipy.stats.norm.ppf(0.5 + level / 2.0))
+        lo_range, hi_range = _RANGES.get(key, (-np.inf, np.inf))
+        low = max(value - t * se, min(lo_range, value))
+        high = min(value + t * se, max(hi_range, value))
+        out[key] = {"ci": [float(low), float(high)], "se": se}
+    return out
 
 
 def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, fid_method: str = "svd", kid_subsets: int = 100,
-                     kid_subset_size: int = 1000, k: int = 5, n_boot: int = 100, level: float = 0.95,
+                     kid_subset_size: int = 1000, k: int = 5, ci_groups: int = 20, level: float = 0.95,
                      seed: int = 0) -> tuple[dict[str, Any], list[str]]:
-    """FID, KID and PRDC with bootstrap CIs, plus warnings a reader of the numbers must see."""
+    """FID, KID and PRDC with jackknife CIs (`jackknife_intervals` says what they mean), plus warnings.
+
+    `ci_groups`: jackknife groups per set (0 = no intervals); each statistic is recomputed 2G times.
+    """
     real = np.asarray(real, np.float64)
     fake = np.asarray(fake, np.float64)
     _check(real, fake, max(2, k + 1), "fidelity metrics")
@@ -217,33 +272,45 @@ def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, fid_method: str = "s
         warnings.append(f"fewer images than feature dimensions ({min(n_r, n_f)} <= {d}): covariances are rank-deficient")
 
     value = fid(real, fake, fid_method)
-    fid_ci = bootstrap(lambda ir, jf: fid(real[ir], fake[jf], "svd"), n_r, n_f, n_boot, seed, level).get("value")
-
     kernels = KernelMatrices(real, fake)
     kid_res = kid(real, fake, kid_subsets, kid_subset_size, seed, kernels=kernels)
     if kid_res["subset_size_capped"]:
         warnings.append(f"KID subset size capped at {kid_res['subset_size']} (the smaller set)")
-    kid_ci = bootstrap(kernels.mmd2, n_r, n_f, n_boot, seed + 1, level).get("value")
+    distances = PRDCDistances(real, fake, k)
+    prdc_vals = distances.values()
 
-    parts = PRDCParts(real, fake, k)
-    prdc_vals = parts.values()
-    prdc_ci = bootstrap(parts.values, n_r, n_f, n_boot, seed + 2, level)
+    intervals: dict[str, dict[str, Any]] = {}
+    # a replicate leaves out ceil(n / G) images; PRDC then still needs k + 1 per set
+    smallest_left = min(n - -(-n // min(n, ci_groups)) for n in (n_r, n_f)) if ci_groups > 0 else 0
+    if ci_groups > 0 and smallest_left < k + 1:
+        warnings.append(f"no confidence intervals: a jackknife replicate would keep {smallest_left} images of a set, "
+                        f"fewer than the k + 1 = {k + 1} PRDC needs (add images)")
+    elif ci_groups > 0:
+        # the reported KID averages random subsets: add that average's Monte-Carlo variance to the jackknife's
+        mc_var = kid_res["std"] ** 2 / (kid_subsets - 1) if kid_subsets > 1 else 0.0
+
+        def stat(ir: np.ndarray, jf: np.ndarray) -> dict[str, float]:
+            return {"fid": fid(real[ir], fake[jf], "svd"), "kid": kernels.mmd2(ir, jf), **distances.values(ir, jf)}
+
+        intervals = jackknife_intervals(stat, {"fid": value, "kid": kid_res["mean"], **prdc_vals}, n_r, n_f,
+                                        ci_groups, seed, level, extra_var={"kid": mc_var})
 
     results: dict[str, Any] = {
         "n_real": n_r,
         "n_fake": n_f,
         "feature_dim": d,
         "ci_level": level,
-        "bootstrap": n_boot,
-        "fid": {"value": value, "ci": _as_list(fid_ci), "method": fid_method},
-        "kid": {**kid_res, "ci": _as_list(kid_ci)},
+        "ci_method": CI_METHOD if intervals else None,
+        "ci_groups": {"real": min(n_r, ci_groups), "synthetic": min(n_f, ci_groups)} if intervals else None,
+        "fid": {"value": value, "method": fid_method, **_interval(intervals, "fid")},
+        "kid": {**kid_res, **_interval(intervals, "kid")},
         "prdc_k": k,
     }
     for key, val in prdc_vals.items():
-        results[key] = {"value": val, "ci": _as_list(prdc_ci.get(key))}
+        results[key] = {"value": val, **_interval(intervals, key)}
     return results, warnings
 
 
-def _as_list(ci: tuple[float, float] | None) -> list[float] | None:
-    """CIs as JSON lists; None when no bootstrap was asked for."""
-    return list(ci) if ci is not None else None
+def _interval(intervals: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
+    """{"ci": [low, high], "se": SE} for the JSON; nulls when no intervals were asked for."""
+    return intervals.get(key, {"ci": None, "se": None})

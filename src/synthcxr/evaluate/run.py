@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from synthcxr import __version__
 from synthcxr.config import StrictModel
@@ -34,9 +34,20 @@ class FidelityConfig(StrictModel):
     kid_subset_size: int = Field(1000, ge=2)
     k: int = Field(5, ge=1)
     """Nearest neighbours for precision/recall/density/coverage (Naeem et al.; CheXGenBench uses 5)."""
-    bootstrap: int = Field(100, ge=0)
-    """Bootstrap replicates for the confidence intervals (0 = none)."""
+    ci_groups: int = Field(20, ge=0)
+    """Jackknife groups per set for the confidence intervals (0 = none); see `fidelity.jackknife_intervals`."""
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_bootstrap(cls, data: Any) -> Any:
+        """`bootstrap` (biased percentile intervals, removed) is read as `ci_groups`, with a note to rename it."""
+        if isinstance(data, dict) and "bootstrap" in data and "ci_groups" not in data:
+            data = {**data}
+            data["ci_groups"] = data.pop("bootstrap")
+            log.warning("fidelity.bootstrap is now fidelity.ci_groups (jackknife groups per set; %s used): "
+                        "rename it in your config", data["ci_groups"])
+        return data
 
 
 class DiversityConfig(StrictModel):
@@ -167,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         fc = cfg.fidelity
         results["fidelity"], warn = fidelity_metrics(
             feats["real"], feats["fake"], fid_method=fc.fid_method, kid_subsets=fc.kid_subsets,
-            kid_subset_size=fc.kid_subset_size, k=fc.k, n_boot=fc.bootstrap, level=fc.ci_level, seed=cfg.seed)
+            kid_subset_size=fc.kid_subset_size, k=fc.k, ci_groups=fc.ci_groups, level=fc.ci_level, seed=cfg.seed)
         warnings += warn
         timings["fidelity"] = time.perf_counter() - t0
 
