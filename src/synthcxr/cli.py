@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
 
         from synthcxr.logging_utils import console
 
-        console.print(Text("error: ", style="bold red") + Text(exc.render()), highlight=False)
-        sys.exit(2)
+        style = "bold red" if exc.label == "error" else "bold yellow"
+        console.print(Text(f"{exc.label}: ", style=style) + Text(exc.render()), highlight=False)
+        sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -12,6 +12,10 @@ from pathlib import Path
 class SynthCXRError(Exception):
     """A problem the user can fix. `file` and `fix` end up in the message."""
 
+    label = "error"
+    """How the CLI introduces the message ("stopped" for a stop the user asked for)."""
+    exit_code = 2
+
     def __init__(self, message: str, *, file: str | Path | None = None, fix: str | None = None):
         self.message = message
         self.file = Path(file) if file is not None else None

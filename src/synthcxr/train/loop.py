@@ -39,7 +39,11 @@ DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class TrainingInterrupted(TrainingError):
-    """SIGINT/SIGTERM: a checkpoint was saved; `--resume` continues from it."""
+    """SIGINT/SIGTERM: a checkpoint was saved; `--resume` continues from it. A stop the user asked for,
+    not an error: the CLI says "stopped:" and exits with 130 (the shell's code for Ctrl-C)."""
+
+    label = "stopped"
+    exit_code = 130
 
 
 @dataclass
@@ -71,7 +75,9 @@ class Session:
     latent_cache: LatentCache | None = None
     class_cache: LatentCache | None = None
     text_cache: TextCache | None = None
-    train_time_s: float = 0.0  # over every session of this run (restored on resume)
+    train_time_s: float = 0.0  # training steps only, over every session of this run (restored on resume)
+    validation_time_s: float = 0.0  # in-loop and final validation (not in train_time_s)
+    checkpoint_time_s: float = 0.0  # writing checkpoints (not in train_time_s)
     tb: Any = None
     memo: dict[str, Any] = field(default_factory=dict)  # held-out latents/embeddings, SNR table
 
@@ -268,6 +274,7 @@ class Session:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
                 "num_processes": self.accelerator.num_processes, "train_time_s": self.train_time_s,
+                "validation_time_s": self.validation_time_s, "checkpoint_time_s": self.checkpoint_time_s,
             }
             path = ckpt.save_checkpoint(root, step, self.trainable, state, self.cfg.train.keep_checkpoints,
                                         meta={"epoch": self.plan.epoch_of(step), "total_steps": self.total})
@@ -300,6 +307,8 @@ class Session:
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.train_time_s = float(state.get("train_time_s", 0.0))
+        self.validation_time_s = float(state.get("validation_time_s", 0.0))
+        self.checkpoint_time_s = float(state.get("checkpoint_time_s", 0.0))
         return int(state["step"])
 
     def _nan_fix(self) -> str:
@@ -310,19 +319,39 @@ class Session:
 
 
 # ====================================================================== setup
-def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool) -> bool:
+def _progress(root: Path) -> list[str]:
+    """What in a run directory holds training work: checkpoints, finished steps, final weights, DONE."""
+    run = RunDir(root)
+    found = []
+    if run.checkpoints.is_dir() and any(run.checkpoints.iterdir()):
+        found.append("checkpoints")
+    if any(r.get("kind") == "train" for r in read_jsonl(run.metrics)):
+        found.append("finished steps in metrics.jsonl")
+    found += [p.name for p in (run.final, run.done_marker) if p.exists()]
+    return found
+
+
+def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool) -> str:
     """Refuse to overwrite a run; on --resume insist on the same config (a safe subset may change).
 
-    Returns True when the run already finished (nothing to do).
+    A run directory that holds no training work yet (a start that stopped during setup) is "fresh":
+    a corrected command may reuse it, with or without --resume. Returns "new", "fresh", "resume" or
+    "done" (the run already finished: nothing to do).
     """
     from synthcxr.config import load_config
 
+    ours = (root / "config.yaml").is_file()
+    work = _progress(root) if ours else []
+    if ours and not work:
+        log.info("reusing %s: it holds no checkpoint and no finished step yet", root)
+        return "fresh"
     if not resume:
         if root.exists() and any(root.iterdir()):
-            raise ConfigError("the run directory already exists and is not empty", file=root,
+            held = f" (it holds {', '.join(work)})" if work else ""
+            raise ConfigError(f"the run directory already exists and is not empty{held}", file=root,
                               fix="continue it with --resume, or choose another --out")
-        return False
-    if not (root / "config.yaml").is_file():
+        return "new"
+    if not ours:
         raise ConfigError("nothing to resume: no config.yaml in this run directory", file=root,
                           fix="start the run without --resume first, or check --out")
     old = load_config(TrainConfig, root / "config.yaml")
@@ -332,7 +361,7 @@ def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool) -> bool:
         raise ConfigError(f"--resume with a different config: {lines}", file=root / "config.yaml",
                           fix="resume with the run's own config (only " + ", ".join(RESUME_SAFE_KEYS)
                           + " may change), or start a new run with another --out")
-    return (root / "DONE").exists()
+    return "done" if (root / "DONE").exists() else "resume"
 
 
 def _accelerator(cfg: TrainConfig):
@@ -366,17 +395,37 @@ def _determinism(cfg: TrainConfig) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _load_data(cfg: TrainConfig, run: RunDir, is_main: bool) -> tuple[list[Any], list[Any]]:
+def _read_data(cfg: TrainConfig, processes: int) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Records and their split, checked (enough training images for one step) without writing anything."""
     from synthcxr.data.dataset import load_records
     from synthcxr.data.splits import split_records
 
     records = load_records(cfg.data)
-    splits = split_records(records, cfg.data.split, out_path=run.root / "splits.json" if is_main else None)
-    train_records = splits["train"]
-    if not train_records:
+    splits = split_records(records, cfg.data.split)
+    n, t = len(splits["train"]), cfg.train
+    if not n:
         raise DataError("no training images after the split", file=cfg.data.paths[0],
                         fix="add images, or lower data.split.val / data.split.test")
-    return train_records, splits.get("val", [])[: cfg.train.max_validation_images]
+    per_step = t.batch_size * t.gradient_accumulation * processes
+    if per_step > n:
+        what = (f"one optimizer step takes {per_step} images (train.batch_size {t.batch_size} x "
+                f"gradient_accumulation {t.gradient_accumulation} x {processes} process(es)) but the training "
+                f"split has {n}, so every step would hold the same image more than once")
+        if t.repeats == 1:
+            raise ConfigError(what, fix=f"set train.batch_size (x gradient_accumulation) to at most {n}, add images, "
+                              "or lower data.split.val/test; set train.repeats > 1 to repeat images on purpose")
+        log.warning("%s (train.repeats=%d asks for repeats)", what, t.repeats)
+    return records, splits
+
+
+def _save_split(cfg: TrainConfig, run: RunDir, records: list[Any], is_main: bool,
+                splits: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
+    """Save the split in the run directory (a resumed run reuses the one saved there)."""
+    from synthcxr.data.splits import split_records
+
+    if is_main:
+        splits = split_records(records, cfg.data.split, out_path=run.root / "splits.json")
+    return splits["train"], splits.get("val", [])[: cfg.train.max_validation_images]
 
 
 def _load_models(cfg: TrainConfig) -> tuple[Models, str]:
@@ -433,7 +482,8 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
     # 1. run directory and config checks: fail before any heavy work
     root = Path(out_dir)
     check_optimizer_config(cfg.optimizer)
-    if _check_run_dir(cfg, root, resume):
+    state = _check_run_dir(cfg, root, resume)
+    if state == "done":
         log.info("run %s already finished (DONE exists); nothing to do", root)
         return None
     accelerator = _accelerator(cfg)
@@ -441,22 +491,29 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         import logging
 
         logging.getLogger("synthcxr").setLevel(logging.WARNING)
-    run = RunDir(root)
-    if accelerator.is_main_process:
-        save_config(cfg, run.config)  # first: a run dir with its config can always be resumed
-        run = RunDir.create(root)
-        write_environment(run.environment)
-    accelerator.wait_for_everyone()
     _determinism(cfg)
     weight_dtype = getattr(torch, DTYPES[cfg.train.mixed_precision])
 
-    # 2. data
-    train_records, val_records = _load_data(cfg, run, accelerator.is_main_process)
+    # 2. inputs, read and checked before anything is written: a bad data folder or model path leaves no
+    # run directory behind that the corrected command would then have to resume or refuse
+    records, splits = _read_data(cfg, accelerator.num_processes)
+    models, base_model = _load_models(cfg)
+
+    # 3. the run directory: config first (a run dir with its config can always be resumed)
+    run = RunDir(root)
+    if accelerator.is_main_process:
+        if state == "fresh":  # a stopped start's split may come from other settings or data
+            for stale in (run.root / "splits.json", run.metrics):
+                stale.unlink(missing_ok=True)
+        save_config(cfg, run.config)
+        run = RunDir.create(root)
+        write_environment(run.environment)
+    accelerator.wait_for_everyone()
+    train_records, val_records = _save_split(cfg, run, records, accelerator.is_main_process, splits)
     prompts = [M.prompt_for(r, cfg) for r in train_records]
     val_prompts = [M.prompt_for(r, cfg) for r in val_records]
 
-    # 3. model; class images come from the base model, before any adapter or update
-    models, base_model = _load_models(cfg)
+    # class images come from the base model, before any adapter or update
     models.unet.to(accelerator.device)
     models.vae.to(accelerator.device)
     models.text_encoder.to(accelerator.device)
@@ -668,17 +725,24 @@ def fit(session: Session) -> None:
                         progress.update(task, description=f"train loss {mean_loss:.4f} lr {lr:.2e} epoch {row['epoch']}")
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            # 4. validation and checkpoints
+            # 4. validation and checkpoints, timed apart: train_time_s and images/s count training only
+            paused = time.perf_counter()
             if t.validate_every and done % t.validate_every == 0 and done < s.total:
                 s.validate(done)
+                s.validation_time_s += time.perf_counter() - paused
             if save_now or stopping:
-                s.train_time_s += time.perf_counter() - session_start
-                session_start = time.perf_counter()
+                s.train_time_s += paused - session_start
+                began = time.perf_counter()
                 path = s.save(done)
-                if stopping:
-                    name = signal.Signals(stop.signum).name
-                    raise TrainingInterrupted(f"stopped by {name} at step {done} of {s.total}; checkpoint {path}",
-                                              fix=f"continue with: synthcxr train {s.run.config} --out {s.run.root} --resume")
+                s.checkpoint_time_s += time.perf_counter() - began
+                session_start = time.perf_counter()
+            else:
+                session_start += time.perf_counter() - paused
+            window_start += time.perf_counter() - paused
+            if stopping:  # (a checkpoint was just saved)
+                name = signal.Signals(stop.signum).name
+                raise TrainingInterrupted(f"{name} received at step {done} of {s.total}; checkpoint saved: {path}",
+                                          fix=f"continue with: synthcxr train {s.run.config} --out {s.run.root} --resume")
     s.train_time_s += time.perf_counter() - session_start
 
 
@@ -696,7 +760,9 @@ def _peak_memory_gib() -> float:
 def finish(session: Session) -> Path:
     """Final validation, final weights (EMA ones when EMA is on), summary.json, DONE."""
     s = session
+    began = time.perf_counter()
     last_val = s.validate(s.total)
+    s.validation_time_s += time.perf_counter() - began
     if s.is_main:
         if s.ema is not None:
             s.ema.copy_to(list(s.trainable.values()))
@@ -718,7 +784,8 @@ def finish(session: Session) -> Path:
             "epochs": s.plan.epoch_of(s.total - 1) + 1 if s.total else 0,
             "global_batch": s.cfg.train.batch_size * s.accelerator.num_processes * s.cfg.train.gradient_accumulation,
             "num_processes": s.accelerator.num_processes, "train_images": s.plan.n_images,
-            "train_time_s": s.train_time_s,
+            "train_time_s": s.train_time_s, "validation_time_s": s.validation_time_s,
+            "checkpoint_time_s": s.checkpoint_time_s,
             "images_per_s": (s.total * s.cfg.train.batch_size * s.accelerator.num_processes
                              * s.cfg.train.gradient_accumulation / s.train_time_s) if s.train_time_s > 0 else None,
             "peak_memory_gib": _peak_memory_gib(),
