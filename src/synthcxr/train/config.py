@@ -19,7 +19,7 @@ from synthcxr.data.config import DataConfig
 from synthcxr.errors import did_you_mean
 
 METHOD_NAMES = ("dreambooth", "lora", "full")
-ADAPTER_NAMES = ("loha", "lokr", "oft", "boft")
+ADAPTER_NAMES = ("loha", "lokr", "oft")
 """peft adapters besides LoRA; diffusers cannot load them as a LoRA file, so they export merged (methods.py)."""
 OPTIMIZER_NAMES = ("adam", "adamw", "adamw8bit", "adafactor", "dadaptation", "prodigy")
 """The seed study's six; the registry in train/optimizers.py is the full list the config accepts."""
@@ -64,7 +64,7 @@ class MethodSection(Section):
 
     name: str = "lora"
     """dreambooth (full UNet, instance prompt + rare token), lora (peft adapters), full (text-to-image on captions),
-    or the peft adapters loha (Hadamard product), lokr (Kronecker product), oft / boft (orthogonal fine-tuning)."""
+    or the peft adapters loha (Hadamard product), lokr (Kronecker product), oft (orthogonal fine-tuning)."""
 
     prompts: Literal["auto", "instance", "caption"] = "auto"
     """Prompt per training image: the DreamBooth instance prompt ("a sks chest x-ray"), or the caption from
@@ -111,19 +111,19 @@ class MethodSection(Section):
     """LoKr: Kronecker factor of each layer's width (-1 = as square as possible, kohya/LyCORIS's default)."""
 
     block_size: int = Field(32, ge=1)
-    """OFT/BOFT: size of the orthogonal blocks; must divide the input width of every target layer."""
-
-    butterfly_factor: int = Field(1, ge=1)
-    """BOFT: number of butterfly factors (1 = block-diagonal OFT; more mixes blocks at more parameters)."""
+    """OFT: size of the orthogonal blocks; must divide the input width of every target layer."""
 
     export: Literal["auto", "lora_file", "merged"] = "auto"
     """Final weights: lora_file (a file diffusers' load_lora_weights reads; LoRA only), merged (adapters merged
-    into a full pipeline folder), auto = lora_file for lora, merged for loha/lokr/oft/boft, a pipeline for
+    into a full pipeline folder), auto = lora_file for lora, merged for loha/lokr/oft, a pipeline for
     dreambooth/full."""
 
     @field_validator("name")
     @classmethod
     def _known_name(cls, value: str) -> str:
+        if value == "boft":
+            raise ValueError("boft is not offered: peft compiles its CUDA kernel at run time and, where that fails, "
+                             "silently trains with one butterfly factor (plain OFT); use method.name=oft")
         return check_name(value, METHOD_NAMES + ADAPTER_NAMES, "method")
 
     @model_validator(mode="after")

@@ -1,20 +1,25 @@
 """Training methods as registry entries composed from small parts.
 
 A method decides three things, each a small function shared between methods:
-  1. which parameters train (whole UNet / LoRA adapters; text encoder optionally, the same way);
+  1. which parameters train (whole UNet / peft adapters: LoRA, LoHa, LoKr, OFT; text encoder
+     optionally, the same way);
   2. which prompt each image gets (DreamBooth instance prompt or the caption) - `MethodSection.prompt_mode`;
-  3. how the final weights are saved (a diffusers pipeline folder, or a LoRA file that
-     `StableDiffusionPipeline.load_lora_weights` reads) and the run's `synthcxr_model.json`.
+  3. how the final weights are saved (a diffusers pipeline folder, a LoRA file that
+     `StableDiffusionPipeline.load_lora_weights` reads, or adapters merged into a pipeline folder where
+     diffusers cannot load the adapter type) and the run's `synthcxr_model.json`.
 Prior preservation (class images from the base model) works with every method.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from synthcxr.errors import ConfigError
 from synthcxr.fileio import atomic_write_json, hash_strings
 from synthcxr.logging_utils import get_logger
 from synthcxr.train.config import MethodSection, TrainConfig
@@ -53,17 +58,75 @@ def _lora_config(cfg: MethodSection, targets: list[str]):
                       target_modules=targets)
 
 
-def _unet_lora(unet: Any, cfg: MethodSection) -> None:
+def _loha_config(cfg: MethodSection, targets: list[str]):
+    from peft import LoHaConfig
+
+    return LoHaConfig(r=cfg.rank, alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+                      module_dropout=cfg.dropout, target_modules=targets)
+
+
+def _lokr_config(cfg: MethodSection, targets: list[str]):
+    from peft import LoKrConfig
+
+    return LoKrConfig(r=cfg.rank, alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+                      module_dropout=cfg.dropout, decompose_factor=cfg.decompose_factor, target_modules=targets)
+
+
+def _oft_config(cfg: MethodSection, targets: list[str]):
+    from peft import OFTConfig
+
+    return OFTConfig(r=0, oft_block_size=cfg.block_size, module_dropout=cfg.dropout, target_modules=targets)
+
+
+ADAPTER_CONFIGS: dict[str, Callable[[MethodSection, list[str]], Any]] = {
+    "lora": _lora_config, "loha": _loha_config, "lokr": _lokr_config, "oft": _oft_config,
+}
+"""method name -> its peft config; every adapter starts as the identity (the base model's outputs)."""
+
+
+def _adapter_config(cfg: MethodSection, targets: list[str]):
+    return ADAPTER_CONFIGS[cfg.name](cfg, targets)
+
+
+def _check_block_size(module: Any, cfg: MethodSection, what: str) -> None:
+    """peft quietly changes an OFT block size that does not divide a layer's width; a study must not."""
+    if cfg.name != "oft":
+        return
+    bad = sorted({(type(m).__name__, m.in_features, m.oft_block_size["default"]) for m in module.modules()
+                  if "default" in getattr(m, "oft_block_size", {}) and m.oft_block_size["default"] != cfg.block_size})
+    if bad:
+        widths = sorted({w for _, w, _ in bad})
+        raise ConfigError(f"method.block_size={cfg.block_size} does not divide the input width of some {what} "
+                          f"target layers (widths {widths}; peft would silently use other block sizes)",
+                          fix=f"set method.block_size to a divisor of every one of {widths} "
+                              f"(their greatest common divisor is {math.gcd(*widths)})")
+
+
+def _unet_adapter(unet: Any, cfg: MethodSection) -> None:
     unet.requires_grad_(False)
-    unet.add_adapter(_lora_config(cfg, cfg.target_modules))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Invalid `oft_block_size`")  # checked below, as an error
+            unet.add_adapter(_adapter_config(cfg, cfg.target_modules))
+    except ValueError as exc:
+        raise ConfigError(f"method {cfg.name} cannot adapt the UNet's {cfg.target_modules}: {exc}",
+                          fix="change method.target_modules, method.rank or method.block_size") from exc
+    _check_block_size(unet, cfg, "UNet")
 
 
-def _text_lora(text_encoder: Any, cfg: MethodSection) -> None:
+def _text_adapter(text_encoder: Any, cfg: MethodSection) -> None:
     # peft's own injection: transformers' `add_adapter` wants a newer peft than diffusers needs
     from peft import inject_adapter_in_model
 
     text_encoder.requires_grad_(False)
-    inject_adapter_in_model(_lora_config(cfg, cfg.text_encoder_target_modules), text_encoder)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Invalid `oft_block_size`")  # checked below, as an error
+            inject_adapter_in_model(_adapter_config(cfg, cfg.text_encoder_target_modules), text_encoder)
+    except ValueError as exc:
+        raise ConfigError(f"method {cfg.name} cannot adapt the text encoder's {cfg.text_encoder_target_modules}: "
+                          f"{exc}", fix="change method.text_encoder_target_modules or method.block_size") from exc
+    _check_block_size(text_encoder, cfg, "text encoder")
 
 
 # --------------------------------------------------------------------------- 3. export
@@ -100,6 +163,56 @@ def _export_lora(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, A
     return {"pipeline": None, "lora": f"{out_dir.name}/{LORA_FILE}"}
 
 
+def merge_adapters(module: Any) -> Any:
+    """Fold every peft adapter layer into its base layer and put the plain base layer back in its place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, child in list(module.named_modules()):
+        if isinstance(child, BaseTunerLayer):
+            child.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.get_base_layer())
+    return module
+
+
+def _export_merged(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Adapters merged into a fresh full-precision copy of the base model, saved as a pipeline folder.
+
+    diffusers' StableDiffusionPipeline.load_lora_weights reads LoRA keys only (it refuses LoHa, LoKr
+    and OFT files), so these adapters leave training as a plain pipeline any diffusers loads. The base
+    is reloaded rather than merged in place: under mixed precision the frozen weights were held in
+    bf16/fp16, and the export should not carry that rounding.
+    """
+    import torch
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    from synthcxr.models.load import library_progress_bars_off, load_pipeline
+
+    pipe = load_pipeline(cfg.model.path, prediction_type=cfg.model.prediction_type,
+                         single_file_config=cfg.model.single_file_config, load_lora=False)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        if module.dtype != torch.float32:  # (.to() on an fp32 model only prints a diffusers notice)
+            module.to(torch.float32)
+    fresh = Models(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                   scheduler=models.scheduler, noise_scheduler=None)
+    parts = [("unet", models.unet, fresh.unet, cfg.method.target_modules)]
+    if cfg.method.train_text_encoder:
+        parts.append(("text_encoder", models.text_encoder, fresh.text_encoder, cfg.method.text_encoder_target_modules))
+    for _, trained, target, targets in parts:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(_adapter_config(cfg.method, targets), target)
+        weights = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(trained).items()}
+        result = set_peft_model_state_dict(target, weights)
+        if result.unexpected_keys:
+            raise RuntimeError(f"adapter weights did not fit the reloaded base model: {result.unexpected_keys[:3]}")
+        merge_adapters(target)
+    with library_progress_bars_off():
+        pipeline_for(fresh).save_pretrained(out_dir, safe_serialization=True)
+    return {"pipeline": out_dir.name, "lora": None, "merged_adapter": cfg.method.name}
+
+
 # --------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Method:
@@ -114,13 +227,25 @@ class Method:
 METHODS: dict[str, Method] = {
     "dreambooth": Method("dreambooth", _train_all, _train_all, _export_pipeline, full_weights=True),
     "full": Method("full", _train_all, _train_all, _export_pipeline, full_weights=True),
-    "lora": Method("lora", _unet_lora, _text_lora, _export_lora, full_weights=False),
+    "lora": Method("lora", _unet_adapter, _text_adapter, _export_lora, full_weights=False),
+    **{name: Method(name, _unet_adapter, _text_adapter, _export_merged, full_weights=False)
+       for name in ("loha", "lokr", "oft")},
 }
+
+
+def method_for(cfg: MethodSection) -> Method:
+    """The registry entry, with the export the config asks for (method.export=merged for a LoRA)."""
+    from dataclasses import replace
+
+    method = METHODS[cfg.name]
+    if cfg.export == "merged" and method.export is _export_lora:
+        method = replace(method, export=_export_merged)
+    return method
 
 
 def apply_method(models: Models, cfg: MethodSection) -> Method:
     """Set requires_grad / add adapters; the VAE never trains."""
-    method = METHODS[cfg.name]
+    method = method_for(cfg)
     models.vae.requires_grad_(False)
     method.unet(models.unet, cfg)
     (method.text_encoder if cfg.train_text_encoder else _freeze)(models.text_encoder, cfg)

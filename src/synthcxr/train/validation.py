@@ -90,26 +90,30 @@ def validation_prompts(session: Session) -> list[str]:
 
 
 def validate(session: Session, step: int) -> dict[str, Any]:
-    """Samples + held-out loss on the main process (EMA weights when EMA is on)."""
+    """Samples + held-out loss on the main process, at the weights that get exported: EMA weights when
+    EMA is on, a schedule-free optimizer's averaged weights; the training weights are put back exactly."""
+    from synthcxr.train.optimizers import evaluation_weights
+
     row: dict[str, Any] = {"step": step, "kind": "val"}
     if session.is_main:
         params = list(session.trainable.values())
         modules = [session.models.unet, session.models.text_encoder]
         was_training = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        if session.ema is not None:
-            session.ema.store(params)
-            session.ema.copy_to(params)
-        try:
-            row["val_loss"] = validation_loss(session)
-            if session.cfg.train.validation_seeds:
-                row["samples"] = str(sample_images(session, step).relative_to(session.run.root))
-        finally:
+        with evaluation_weights(session.optimizer, params):
+            for m in modules:
+                m.eval()
             if session.ema is not None:
-                session.ema.restore(params)
-            for m, flag in zip(modules, was_training, strict=True):
-                m.train(flag)
+                session.ema.store(params)
+                session.ema.copy_to(params)
+            try:
+                row["val_loss"] = validation_loss(session)
+                if session.cfg.train.validation_seeds:
+                    row["samples"] = str(sample_images(session, step).relative_to(session.run.root))
+            finally:
+                if session.ema is not None:
+                    session.ema.restore(params)
+                for m, flag in zip(modules, was_training, strict=True):
+                    m.train(flag)
         append_jsonl(session.run.metrics, row)
         if session.tb is not None and row["val_loss"] is not None:
             session.tb.add_scalar("val/loss", row["val_loss"], step)
