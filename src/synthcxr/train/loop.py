@@ -764,6 +764,9 @@ def finish(session: Session) -> Path:
     last_val = s.validate(s.total)
     s.validation_time_s += time.perf_counter() - began
     if s.is_main:
+        from synthcxr.train.optimizers import to_eval_weights
+
+        to_eval_weights(s.optimizer)  # schedule-free: export the averaged weights validation scored
         if s.ema is not None:
             s.ema.copy_to(list(s.trainable.values()))
         from synthcxr.train.methods import export_final
