@@ -12,7 +12,7 @@ from synthcxr.evaluate.run import EvaluateConfig, evaluate
 
 FAST = ["--extractor", "random", "--set", "diversity.image_size=64", "--set", "diversity.pairs=20",
         "--set", "utility.image_size=32", "--set", "utility.epochs=1", "--set", "memorization.ssim_size=32",
-        "--set", "fidelity.bootstrap=20", "--set", "fidelity.kid_subsets=10", "--set", "utility.n_boot=20",
+        "--set", "fidelity.ci_groups=10", "--set", "fidelity.kid_subsets=10", "--set", "utility.n_boot=20",
         "--set", "utility.seeds=2"]
 
 

@@ -114,7 +114,8 @@ def print_results(results: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
     ext = results.get("extractor") or {}
-    table = Table(title=f"synthcxr evaluate ({ext.get('name', 'no features')})")
+    untrained = ", random weights: not comparable" if ext.get("pretrained") is False else ""
+    table = Table(title=f"synthcxr evaluate ({ext.get('name', 'no features')}{untrained})")
     for col in ("metric", "value", "CI"):
         table.add_column(col, no_wrap=True)
     table.add_column("note")

@@ -11,6 +11,10 @@ Metrics take feature arrays (MONAI's habit); extractors are separate and swappab
 - `torchvision:NAME` / `timm:NAME`: any backbone by name; random init with `pretrained: false`.
 - `random`: a seeded random-init CNN; fast, deterministic, for tests and smoke runs only.
 
+An extractor with random weights (`random`, or torchvision/timm with `pretrained: false` and no
+`weights`) says so in `describe()` (`pretrained: false`) and `weights_warning`: distances in its
+feature space are not comparable with published FIDs or with any other extractor.
+
 Every extractor gets the same input: RGB float32 0..255 at its input size, made by the one
 antialiased resize in `images.resize_rgb` (clean-fid's lesson), real and synthetic alike.
 """
@@ -102,8 +106,9 @@ class FeatureExtractor:
     """A network plus its input convention. `__call__` takes N x 3 x S x S float32 in 0..255."""
 
     def __init__(self, name: str, ident: str, module: Any, input_size: int, dim: int, device: str,
-                 prepare: Callable[[Any], Any]):
+                 prepare: Callable[[Any], Any], pretrained: bool = True):
         self.name = name
+        self.pretrained = pretrained  # False: random-init weights, numbers comparable with nothing published
         self.id = ident  # cache key part: name + weights identity + input size + resize
         self.module = module
         self.input_size = input_size
@@ -125,7 +130,16 @@ class FeatureExtractor:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.id, "dim": self.dim, "input_size": self.input_size,
-                "resize": RESIZE_METHOD, "device": self.device}
+                "resize": RESIZE_METHOD, "device": self.device, "pretrained": self.pretrained}
+
+    @property
+    def weights_warning(self) -> str | None:
+        """What a reader of the numbers must know when the network has random weights (None otherwise)."""
+        if self.pretrained:
+            return None
+        return (f"extractor {self.name!r} runs with random, untrained weights: its FID/KID/PRDC and feature "
+                "similarities are not comparable with published numbers or with other extractors (smoke tests "
+                "only); use inception or xrv, or pass trained weights with --set extractor.weights=FILE")
 
 
 # --- registry ------------------------------------------------------------------------------------
@@ -255,6 +269,11 @@ def _load_state(module, path: Path) -> None:
                          fix="pass a state dict saved from the same architecture")
 
 
+def _has_weights(cfg: ExtractorConfig) -> bool:
+    """torchvision/timm: trained weights come from a file or the library; otherwise the network is random-init."""
+    return cfg.weights is not None or cfg.pretrained
+
+
 def _weights_ident(cfg: ExtractorConfig) -> str:
     if cfg.weights is not None:
         return _file_digest(Path(cfg.weights))
@@ -285,7 +304,7 @@ def _build_torchvision(cfg: ExtractorConfig, device: str, cache_dir: Path | None
     size = cfg.image_size or 224
     dim = int(net(torch.zeros(1, 3, size, size, device=device)).flatten(1).shape[1])
     ident = f"torchvision:{model_name}:{_weights_ident(cfg)}:{size}"
-    return FeatureExtractor(cfg.name, ident, net, size, dim, device, _imagenet_prepare(device))
+    return FeatureExtractor(cfg.name, ident, net, size, dim, device, _imagenet_prepare(device), _has_weights(cfg))
 
 
 def _build_timm(cfg: ExtractorConfig, device: str, cache_dir: Path | None) -> FeatureExtractor:
@@ -313,7 +332,8 @@ def _build_timm(cfg: ExtractorConfig, device: str, cache_dir: Path | None) -> Fe
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     ident = f"timm:{model_name}:{_weights_ident(cfg)}:{size}"
-    return FeatureExtractor(cfg.name, ident, net, size, int(net.num_features), device, lambda x: (x / 255.0 - m) / s)
+    return FeatureExtractor(cfg.name, ident, net, size, int(net.num_features), device, lambda x: (x / 255.0 - m) / s,
+                            _has_weights(cfg))
 
 
 def _build_random(cfg: ExtractorConfig, device: str, cache_dir: Path | None) -> FeatureExtractor:
@@ -328,7 +348,8 @@ def _build_random(cfg: ExtractorConfig, device: str, cache_dir: Path | None) -> 
         nn.AdaptiveAvgPool2d(2), nn.Flatten(),
     ).eval().to(device)
     size = cfg.image_size or 64
-    return FeatureExtractor("random", f"random-cnn:{cfg.seed}:{size}", net, size, 256, device, lambda x: x / 127.5 - 1.0)
+    return FeatureExtractor("random", f"random-cnn:{cfg.seed}:{size}", net, size, 256, device, lambda x: x / 127.5 - 1.0,
+                            pretrained=False)
 
 
 EXTRACTORS: dict[str, Callable[[ExtractorConfig, str, Path | None], FeatureExtractor]] = {

@@ -142,6 +142,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if roles:
         t0 = time.perf_counter()
         extractor = build_extractor(cfg.extractor, cache_dir)
+        if extractor.weights_warning:  # said now, before minutes of features, and kept with the numbers
+            log.warning(extractor.weights_warning)
+            warnings.append(extractor.weights_warning)
         cache = FeatureCache(cache_dir / "features.sqlite") if cfg.cache else None
         try:
             for role in roles:
@@ -168,6 +171,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"),
         "inputs": {role: s.describe() for role, s in sets.items()},
         "extractor": extractor.describe() if extractor else None,
+        "extractor_pretrained": extractor.pretrained if extractor else None,
         "features": feature_counts,
         "cache_dir": str(cache_dir) if cfg.cache else None,
     }
@@ -236,5 +240,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # 7. one JSON, written atomically
     atomic_write_json(cfg.out, results)
     for w in warnings:
-        log.warning(w)
+        if extractor is None or w != extractor.weights_warning:  # that one was logged when it arose
+            log.warning(w)
     return results
