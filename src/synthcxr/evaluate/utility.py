@@ -454,13 +454,15 @@ def utility_check(train_items: list[ImageItem], test_items: list[ImageItem] | No
             continue
         diff = results[name]["auc"] - results["real"]["auc"]
         ci = _ci(np.subtract(boots[name], boots["real"]), cfg.ci_level, diff)
-        results[name]["minus_real"] = {"value": diff, "ci": ci, "significant": not (ci[0] <= 0.0 <= ci[1])}
+        significant = bool(boots[name]) and not (ci[0] <= 0.0 <= ci[1])  # no bootstrap (n_boot=0): never claimed
+        results[name]["minus_real"] = {"value": diff, "ci": ci, "significant": significant}
     if min(n_neg_te, n_pos_te) < cfg.min_test_per_class:
-        widths = [(results[n]["minus_real"]["ci"][1] - results[n]["minus_real"]["ci"][0]) / 2
-                  for n in test_scores if n != "real"] or [(results["real"]["ci"][1] - results["real"]["ci"][0]) / 2]
+        step = 1 / min(n_neg_te, n_pos_te)  # one image ranked differently moves an AUC by up to this much
+        widths = [(results[n]["minus_real"]["ci"][1] - results[n]["minus_real"]["ci"][0]) / 2 for n in test_scores if n != "real"]
+        spread = f", the CI of the differences spans ±{max(widths):.3f}" if widths and max(widths) > 0 else ""
         warnings.append(f"utility: the real test set has only {n_pos_te} 'tuberculosis' and {n_neg_te} 'normal' image(s) "
-                        f"(fewer than {cfg.min_test_per_class} of a class): AUC differences within ±{max(widths):.3f} "
-                        "are not distinguishable from noise")
+                        f"(fewer than {cfg.min_test_per_class} of a class): one image can move an AUC by up to {step:.3f}"
+                        f"{spread}; smaller differences are not distinguishable from noise")
 
     # 3. conditioning fidelity: the real-trained classifier reads the synthetic images
     thresholds = np.array([choose_threshold(y_va, p) for p in real_val_scores]) if has_val else None
