@@ -60,7 +60,7 @@ def test_allowed_enlargement_warns_and_the_leak_check_sees_it(tmp_path, folders,
     assert info["groups"]["real"]["enlarged"] == 0
     leak = info["leak_check"]["models"]["small"]
     assert set(leak["auc"]) == set(FEATURES)
-    assert leak["max_auc"] > LEAK_AUC_WARN
+    assert leak["max_auc"] > LEAK_AUC_WARN and leak["p_value"] < 0.01  # not chance
     logged = caplog.text
     assert "enlarged" in logged and "leak check" in logged and "'small'" in logged
     assert any("enlarged" in w for w in created.warnings) and any("leak check" in w for w in created.warnings)
@@ -73,7 +73,7 @@ def test_matching_images_pass_the_leak_check(tmp_path, folders, caplog):
         created = _create(tmp_path, folders, "same", image_size=64)
     leak = created.blinding["leak_check"]["models"]["same"]
     assert leak["n_real"] == N and leak["n_model"] == N
-    assert leak["max_auc"] <= LEAK_AUC_WARN, leak
+    assert leak["max_auc"] <= LEAK_AUC_WARN and leak["p_value"] >= 0.05, leak
     assert created.warnings == [] and "leak" not in caplog.text
     assert created.blinding["groups"]["same"] == {**created.blinding["groups"]["same"], "enlarged": 0, "padded": 0}
 
@@ -113,3 +113,50 @@ def test_cli_prints_sizes_and_the_leak_check(tmp_path, folders, capsys):
     out = run_cli([*base, "--allow-enlarge"], capsys)
     assert "small: 24 images, 16x16 (24), 24 enlarged" in out
     assert "leak check" in out and "small" in out and "max AUC" in out and "WARNING" in out
+
+
+def test_the_permutation_p_value_tells_chance_from_a_leak():
+    from synthcxr.study.leakcheck import leak_check
+
+    rng = np.random.default_rng(0)
+
+    def rows(shift: float, n: int) -> list[dict[str, float]]:
+        return [{f: float(rng.normal(shift, 1)) for f in FEATURES} for _ in range(n)]
+
+    leak = leak_check({"real": rows(0, 8), "m": rows(3, 8)})["models"]["m"]
+    assert leak["max_auc"] == 1.0 and leak["p_value"] < 0.01
+    # 8 vs 8 from one distribution: the max AUC often passes 0.75, p < 0.05 only about 5% of the time
+    null = [leak_check({"real": rows(0, 8), "m": rows(0, 8)})["models"]["m"] for _ in range(60)]
+    over = np.mean([r["max_auc"] > LEAK_AUC_WARN for r in null])
+    significant = np.mean([r["p_value"] < 0.05 for r in null])
+    assert over > 0.2 and significant <= 0.12, (over, significant)
+
+
+SHENZHEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "ChinaSet_AllFiles" / "CXR_png"
+
+
+@pytest.mark.skipif(not SHENZHEN.is_dir(), reason="needs the real Shenzhen sample in ../shared/data")
+def test_leak_check_on_real_radiographs(tmp_path):
+    """Half the real sample as 'real', the other half as a model (same label mix): no warning; the
+    same half shrunk to 128 px and enlarged back to 512: separated, and not by chance."""
+    files = sorted(SHENZHEN.glob("*.png"))
+    if len(files) < 8:
+        pytest.skip("fewer than 8 Shenzhen images")
+    real, twin, shrunk = (tmp_path / n for n in ("real", "twin", "shrunk"))
+    for folder in (real, twin, shrunk):
+        folder.mkdir()
+    for i, path in enumerate(files):
+        if i % 2 == 0:
+            Image.open(path).save(real / path.name)
+        else:
+            Image.open(path).save(twin / path.name)
+            Image.open(path).convert("L").resize((128, 128), Image.Resampling.LANCZOS).save(shrunk / path.name)
+    db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    kw = {"real": real, "per_model": None, "real_count": None, "readers": 1, "image_size": 512, "study_dir": tmp_path / "sd"}
+    same = create_study(db, "twin", models=[f"twin={twin}"], **kw).blinding["leak_check"]["models"]["twin"]
+    assert same["max_auc"] <= LEAK_AUC_WARN or same["p_value"] >= 0.05, same
+    with pytest.raises(StudyError, match="--allow-enlarge"):
+        create_study(db, "shrunk", models=[f"shrunk={shrunk}"], **kw)
+    created = create_study(db, "shrunk", models=[f"shrunk={shrunk}"], allow_enlarge=True, **kw)
+    leak = created.blinding["leak_check"]["models"]["shrunk"]
+    assert leak["max_auc"] > LEAK_AUC_WARN and leak["p_value"] < 0.05, leak

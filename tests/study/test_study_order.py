@@ -97,3 +97,14 @@ def test_migration_gives_existing_studies_a_secret(tmp_path):
     assert add_reader(url, "old-a", "r1").count("/invite/") == 1
     with session_scope(url) as s:
         assert s.scalar(select(Task).limit(1)) is None  # no images: an empty order, but a valid reader
+
+
+def test_repeats_come_well_after_their_original_whatever_the_key():
+    from synthcxr.study.service import _reading_order, new_order_key
+
+    for _ in range(300):
+        order = _reading_order([f"img{k}" for k in range(12)], new_order_key(), "reader-1", 2)
+        repeats = [(pos, original) for pos, (_, original) in enumerate(order) if original is not None]
+        assert len(order) == 14 and len(repeats) == 2
+        for pos, original in repeats:
+            assert pos - original >= 5, order  # at least 4 other images in between (gap = 12 // 3)

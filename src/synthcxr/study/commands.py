@@ -86,7 +86,8 @@ def _blinding_lines(info: dict) -> list[str]:
             continue
         flag = "  WARNING" if res["max_auc"] > check["threshold"] else ""
         aucs = ", ".join(f"{f} {v:.2f}" for f, v in res["auc"].items())
-        lines.append(f"  {group}: max AUC {res['max_auc']:.2f} ({res['max_feature']}); {aucs}{flag}")
+        lines.append(f"  {group}: max AUC {res['max_auc']:.2f} ({res['max_feature']}, permutation p = "
+                     f"{res['p_value']:.3f}); {aucs}{flag}")
     return lines
 
 

@@ -159,7 +159,11 @@ def _reading_order(image_ids: Sequence[str], order_key: str, reader_name: str,
     if repeats:
         ids = [i for i, _ in order]
         gap = max(1, min(5, len(ids) // 3))
-        for image_id in rng.sample(ids, min(repeats, len(ids))):
+        # repeat images shown early enough that the repeat can come `gap` or more images later
+        early, late = ids[:max(0, len(ids) - gap)], ids[max(0, len(ids) - gap):]
+        picked = rng.sample(early, min(repeats, len(early)))
+        picked += rng.sample(late, min(repeats - len(picked), len(late)))
+        for image_id in picked:
             first = next(n for n, (i, rep) in enumerate(order) if i == image_id and rep is None)
             pos = rng.randint(min(first + 1 + gap, len(order)), len(order))
             order.insert(pos, (image_id, -1))
