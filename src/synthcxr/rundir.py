@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from synthcxr.fileio import atomic_write_json
+from synthcxr.fileio import atomic_write_json, read_jsonl
 
 TRACKED_PACKAGES = (
     "synthcxr", "torch", "torchvision", "diffusers", "transformers", "peft", "accelerate",
@@ -63,6 +63,16 @@ class RunDir:
     @property
     def done_marker(self) -> Path:
         return self.root / "DONE"
+
+    def training_work(self) -> list[str]:
+        """What here holds training work: checkpoints, finished steps, final weights, DONE. A run
+        directory without any (a start that stopped during setup) may be reused by a corrected command."""
+        found = []
+        if self.checkpoints.is_dir() and any(self.checkpoints.iterdir()):
+            found.append("checkpoints")
+        if any(r.get("kind") == "train" for r in read_jsonl(self.metrics)):
+            found.append("finished steps in metrics.jsonl")
+        return found + [p.name for p in (self.final, self.done_marker) if p.exists()]
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

@@ -177,3 +177,16 @@ def test_ctrl_c_is_reported_as_a_stop_not_an_error(tiny_model_dir, train_data, t
     assert "stopped: SIGINT received at step 2 of 4" in err and "--resume" in err
     assert "error" not in err.lower()
     assert Path(tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_a_second_start_on_a_run_directory_in_use_stops_at_once(make_config, tmp_path):
+    """Reusing a run directory without training work must not let two trainings share it."""
+    from synthcxr.generate.lock import OutputBusyError, output_lock
+    from synthcxr.train.loop import train
+
+    run = tmp_path / "run"
+    with output_lock(run):  # as a running `synthcxr train` holds it
+        for resume in (False, True):
+            with pytest.raises(OutputBusyError, match="another `synthcxr train` is using this run directory"):
+                train(make_config(), run, resume=resume)
+    assert not run.exists()

@@ -1,5 +1,6 @@
 """One writer per output folder: two generations appending to the same `manifest.jsonl` would
-interleave their lines and each would take the other's images for its own.
+interleave their lines and each would take the other's images for its own. (Training holds the same
+lock on its run directory.)
 
 The lock is an `flock` on `OUT/.lock`, so the kernel releases it when the process ends, crashed or
 not: a stale lock never blocks the next run. A second writer fails at once instead of waiting,
@@ -25,7 +26,13 @@ class OutputBusyError(ConfigError):
     """Another process holds the output folder's lock."""
 
 
-def _open_locked(out: Path) -> tuple[int, bool]:
+GENERATE_BUSY = ("another `synthcxr generate` is writing into this output folder",
+                 "wait for it to finish (re-running then resumes and skips its images), "
+                 "or choose another output folder (--out)")
+"""(message, fix) when the folder is busy; training passes its own."""
+
+
+def _open_locked(out: Path, busy: tuple[str, str] = GENERATE_BUSY) -> tuple[int, bool]:
     """Open and lock `out/.lock`; return (fd, whether this call created `out`)."""
     lock_path = out / LOCK_FILE
     created = False
@@ -42,11 +49,7 @@ def _open_locked(out: Path) -> tuple[int, bool]:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputBusyError(
-                    "another `synthcxr generate` is writing into this output folder", file=out,
-                    fix="wait for it to finish (re-running then resumes and skips its images), "
-                    "or choose another output folder (--out)",
-                ) from None
+                raise OutputBusyError(busy[0], file=out, fix=busy[1]) from None
             raise
         # the previous holder unlinks the file before releasing it: a lock on an unlinked file
         # guards nothing, so try again with the file now at that path
@@ -61,14 +64,14 @@ def _open_locked(out: Path) -> tuple[int, bool]:
 
 
 @contextmanager
-def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+def output_lock(out: str | os.PathLike, busy: tuple[str, str] = GENERATE_BUSY) -> Iterator[Path]:
     """Hold the exclusive lock on output folder `out` (created if missing) for the `with` block.
 
     On exit the lock file is removed, and so is `out` when this call created it and nothing else
     was written there (a run that failed before its first file leaves no empty folder behind).
     """
     out = Path(out)
-    fd, created = _open_locked(out)
+    fd, created = _open_locked(out, busy)
     try:
         yield out
     finally:

@@ -319,18 +319,6 @@ class Session:
 
 
 # ====================================================================== setup
-def _progress(root: Path) -> list[str]:
-    """What in a run directory holds training work: checkpoints, finished steps, final weights, DONE."""
-    run = RunDir(root)
-    found = []
-    if run.checkpoints.is_dir() and any(run.checkpoints.iterdir()):
-        found.append("checkpoints")
-    if any(r.get("kind") == "train" for r in read_jsonl(run.metrics)):
-        found.append("finished steps in metrics.jsonl")
-    found += [p.name for p in (run.final, run.done_marker) if p.exists()]
-    return found
-
-
 def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool) -> str:
     """Refuse to overwrite a run; on --resume insist on the same config (a safe subset may change).
 
@@ -339,14 +327,15 @@ def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool) -> str:
     "done" (the run already finished: nothing to do).
     """
     from synthcxr.config import load_config
+    from synthcxr.generate.lock import LOCK_FILE
 
     ours = (root / "config.yaml").is_file()
-    work = _progress(root) if ours else []
+    work = RunDir(root).training_work() if ours else []
     if ours and not work:
         log.info("reusing %s: it holds no checkpoint and no finished step yet", root)
         return "fresh"
     if not resume:
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
             held = f" (it holds {', '.join(work)})" if work else ""
             raise ConfigError(f"the run directory already exists and is not empty{held}", file=root,
                               fix="continue it with --resume, or choose another --out")
@@ -809,8 +798,23 @@ def finish(session: Session) -> Path:
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Path:
     """Train (or continue with resume=True) one run into `out_dir`; returns the run directory."""
-    session = setup(cfg, out_dir, resume)
-    if session is None:
-        return Path(out_dir)
-    fit(session)
-    return finish(session)
+    with _run_lock(Path(out_dir)):
+        session = setup(cfg, out_dir, resume)
+        if session is None:
+            return Path(out_dir)
+        fit(session)
+        return finish(session)
+
+
+def _run_lock(root: Path) -> Any:
+    """One training per run directory: a second start (or --resume) while one runs stops at once.
+
+    Held by the first process only (RANK 0): the others of a distributed run share the directory.
+    """
+    from synthcxr.generate.lock import output_lock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return output_lock(root, busy=(
+        "another `synthcxr train` is using this run directory",
+        "wait for it to finish or stop it (Ctrl-C saves a checkpoint), then --resume; or choose another --out"))
