@@ -55,3 +55,27 @@ def test_study_on_postgresql(pg_url, sources, tmp_path):
     export_ratings(pg_url, "pg", tmp_path / "r.csv")
     result = analyze_study(pg_url, "pg", tmp_path / "an", n_boot=100)
     assert result["n_answers"] == 14
+
+
+def test_upgrade_from_0001_gives_existing_studies_a_secret_on_postgresql(pg_url):
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from synthcxr.study import db
+    from synthcxr.study.db import Study, session_scope
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", pg_url)
+    with db.get_engine(pg_url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO study (name, created_at, seed, image_dir, image_size, questions, repeats) "
+                          "VALUES ('old', now(), 0, '/x', 64, '{}', 0)"))
+    db.upgrade(pg_url)
+    with session_scope(pg_url) as s:
+        keys = list(s.scalars(select(Study.order_key)))
+    assert len(keys) == 1 and len(keys[0]) == 64
