@@ -21,6 +21,36 @@ HARD = {"method": {"name": "lora", "dropout": 0.1},
         "train": {"max_steps": 4, "batch_size": 1, "gradient_accumulation": 2, "ema": True, "ema_decay": 0.9}}
 
 
+# The same hard case for every optimizer and adapter that has its own state to restore: schedule-free
+# averaged weights (z) and step-size estimates, factored / 8-bit / orthogonalised momenta, adapter
+# factors with module dropout. Schedule-free ones run without EMA or a schedule (their average replaces both).
+NEW_OPTIMIZERS = ("schedulefree_adamw", "prodigy_schedulefree", "came", "lion", "lion8bit", "adopt", "muon")
+VARIANTS = {
+    "adamw": {},
+    **{name: {"optimizer": {"name": name, "lr": None}} for name in NEW_OPTIMIZERS},
+    **{name: {"method": {"name": name}, "optimizer": {"lr": 1e-2}} for name in ("loha", "lokr", "oft")},
+}
+for _name in ("schedulefree_adamw", "prodigy_schedulefree"):
+    VARIANTS[_name].update(schedule={"name": "constant", "warmup_steps": 0}, train={"ema": False})
+
+
+def _hard(variant: str, **train) -> dict:
+    """HARD with the variant's sections merged in (and `train` keys on top)."""
+    out = {k: dict(v) for k, v in HARD.items()}
+    for section, values in VARIANTS[variant].items():
+        out[section] = {**out.get(section, {}), **values}
+    out["train"].update(train)
+    return out
+
+
+def _final_weights(run) -> dict:
+    """The exported weights: the LoRA file, or the UNet of a merged pipeline."""
+    from safetensors.torch import load_file
+
+    lora = run / "final" / "pytorch_lora_weights.safetensors"
+    return load_file(str(lora if lora.exists() else run / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
 def _same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -38,9 +68,12 @@ def reference(make_config, tmp_path):
     return train(make_config(**HARD), tmp_path / "reference")
 
 
-def test_sigterm_checkpoints_and_resume_is_identical(make_config, reference, read_trainable, tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sigterm_checkpoints_and_resume_is_identical(variant, make_config, read_trainable, tmp_path, monkeypatch):
     from synthcxr.train import loop
 
+    cfg = make_config(**_hard(variant))
+    reference = loop.train(cfg, tmp_path / "reference")
     original = loop.Session.loss
 
     def loss_with_signal(self, item):
@@ -49,7 +82,6 @@ def test_sigterm_checkpoints_and_resume_is_identical(make_config, reference, rea
         return original(self, item)
 
     monkeypatch.setattr(loop.Session, "loss", loss_with_signal)
-    cfg = make_config(**HARD)
     run = tmp_path / "run"
     with pytest.raises(loop.TrainingInterrupted, match="--resume"):
         loop.train(cfg, run)
@@ -58,10 +90,7 @@ def test_sigterm_checkpoints_and_resume_is_identical(make_config, reference, rea
     loop.train(cfg, run, resume=True)
     _same_weights(read_trainable(run), read_trainable(reference))
     assert _train_rows(run) == _train_rows(reference)
-    final = "final/pytorch_lora_weights.safetensors"
-    from safetensors.torch import load_file
-
-    _same_weights(load_file(str(run / final)), load_file(str(reference / final)))  # EMA weights
+    _same_weights(_final_weights(run), _final_weights(reference))  # EMA / schedule-free averaged weights
 
 
 class _Killed(BaseException):
@@ -149,13 +178,16 @@ def test_oom_message_names_the_settings_to_change(make_config):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_step_then_resume_is_identical(make_config, read_trainable, tmp_path):
+# a real process kill for the base case and for schedule-free averaged weights; the in-process SIGTERM
+# test above covers every optimizer and adapter through the same checkpoint/restore path
+@pytest.mark.parametrize("variant", ["adamw", "schedulefree_adamw"])
+def test_sigkill_at_random_step_then_resume_is_identical(variant, make_config, read_trainable, tmp_path):
     """A real SIGKILL of a training process at a random moment; the resumed run ends bit-identical."""
     import yaml
 
     from synthcxr.train.loop import train
 
-    cfg = make_config(**{**HARD, "train": {**HARD["train"], "max_steps": 8}})
+    cfg = make_config(**_hard(variant, max_steps=8))
     reference = train(cfg, tmp_path / "reference")
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -187,3 +219,4 @@ def test_sigkill_at_random_step_then_resume_is_identical(make_config, read_train
     train(cfg, run, resume=True)
     _same_weights(read_trainable(run), read_trainable(reference))
     assert _train_rows(run) == _train_rows(reference)
+    _same_weights(_final_weights(run), _final_weights(reference))
