@@ -18,7 +18,7 @@ from synthcxr.evaluate.run import EvaluateConfig, evaluate
 
 FAST = {"extractor": {"name": "random", "device": "cpu"}, "diversity": {"image_size": 64, "pairs": 20},
         "utility": {"image_size": 32, "epochs": 1, "n_boot": 20, "seeds": 1}, "memorization": {"ssim_size": 32, "top_pairs": 3},
-        "fidelity": {"bootstrap": 20, "kid_subsets": 10}}
+        "fidelity": {"ci_groups": 10, "kid_subsets": 10}}
 #: Parts of the results that legitimately differ between two runs (time, config, the cache's own report).
 RUN_SPECIFIC = {"created", "timings_s", "config", "image_cache", "cache_dir"}
 

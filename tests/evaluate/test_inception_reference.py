@@ -34,7 +34,7 @@ def test_fid_on_folders_matches_clean_fid_with_the_same_network(tmp_path):
 
     res = evaluate(EvaluateConfig(real=a, fake=b, out=tmp_path / "e.json", metrics=["fidelity"],
                                   extractor={"name": "inception", "device": "cpu", "batch_size": 8},
-                                  fidelity={"bootstrap": 0, "kid_subsets": 2}))
+                                  fidelity={"ci_groups": 0, "kid_subsets": 2}))
     ours = res["fidelity"]["fid"]["value"]
     assert res["extractor"]["dim"] == 2048
 

@@ -5,6 +5,10 @@ image first (X-rays carry no colour; RGB files are usually three identical chann
 with antialiasing so the shorter (crop) or longer (pad) side matches the resolution, centre-cropped
 or padded with black, and repeated to 3 channels. There is deliberately no flip here: chest X-rays
 have laterality, so flipping is an opt-in augmentation in the dataset.
+
+Alpha (RGBA, LA, PA, palette with a transparent entry) follows one rule, `flatten_alpha`, which the
+evaluation decoder uses too: the image is composited over opaque black, i.e. each value becomes
+value x alpha / 255, so a transparent pixel reads as no signal.
 """
 
 from __future__ import annotations
@@ -55,11 +59,25 @@ def to_grayscale(img: Image.Image) -> Image.Image:
         if lo < 0 or hi > 1:  # not already normalised: use its own range
             arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
         return Image.fromarray(np.nan_to_num(arr).astype(np.float32), mode="F")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # transparent areas read as no signal
-        return Image.alpha_composite(background, rgba).convert("L")
-    return img.convert("L")  # RGB, P, 1, CMYK, YCbCr
+    return flatten_alpha(img).convert("L")  # RGB(A), LA, P(A), 1, CMYK, YCbCr
+
+
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def flatten_alpha(img: Image.Image) -> Image.Image:
+    """The one alpha rule, for training and evaluation alike: composite over opaque black.
+
+    Each value becomes value x alpha / 255 (PIL's integer rounding), so a transparent pixel reads as
+    black, the "no signal" of a MONOCHROME2 X-ray, rather than as whatever colour it hides. Returns
+    an RGB image for inputs with alpha (RGBA, LA, PA, palette with a transparent entry) and the same
+    image, untouched, otherwise.
+    """
+    if img.mode not in ALPHA_MODES and not (img.mode == "P" and "transparency" in img.info):
+        return img
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def read_gray(path: Path) -> Image.Image:
@@ -74,6 +92,8 @@ def read_gray(path: Path) -> Image.Image:
 def gray_from_pixels(pixels: np.ndarray) -> Image.Image:
     """A record's decoded array (float in [0, 1], or uint8/uint16) as a grayscale PIL image."""
     arr = np.asarray(pixels)
+    if arr.ndim == 3 and arr.shape[-1] == 4 and arr.dtype == np.uint8:
+        return to_grayscale(Image.fromarray(arr, mode="RGBA"))  # the one alpha rule (flatten_alpha)
     if arr.ndim == 3:
         arr = arr[..., :3].mean(axis=-1) if arr.shape[-1] in (3, 4) else arr[0]
     if arr.dtype == np.uint8:

@@ -42,6 +42,9 @@ from synthcxr.logging_utils import get_logger, progress_bar
 
 log = get_logger(__name__)
 
+#: Part of every feature-cache key; bump it when decoding changes pixels, so stale features are never
+#: reused. "decode2": alpha is composited over black (`data.preprocess.flatten_alpha`), as in training.
+DECODE_VERSION = "decode2"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,7 +112,7 @@ class FeatureExtractor:
                  prepare: Callable[[Any], Any], pretrained: bool = True):
         self.name = name
         self.pretrained = pretrained  # False: random-init weights, numbers comparable with nothing published
-        self.id = ident  # cache key part: name + weights identity + input size + resize
+        self.id = f"{ident}:{DECODE_VERSION}"  # cache key part: name + weights identity + input size + decoding
         self.module = module
         self.input_size = input_size
         self.dim = dim

@@ -169,8 +169,9 @@ def decode_image(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
     """Bytes -> H x W x 3 uint8 RGB.
 
     8-bit files go through PIL's `convert("RGB")` exactly as clean-fid does, so both give identical
-    pixels. High-bit-depth grayscale (16-bit PNG, 12-bit data in 16-bit containers, float TIFF) and
-    DICOM are scaled to 0..255 by the data layer's rules (`synthcxr.data`) instead of being clipped.
+    pixels, except that alpha follows the data layer's one rule (`data.preprocess.flatten_alpha`:
+    composited over black, as the model was trained) where clean-fid drops it. High-bit-depth
+    grayscale (16-bit PNG, 12-bit data in 16-bit containers, float TIFF) and DICOM are scaled to 0..255 by the data layer's rules (`synthcxr.data`) instead of being clipped.
     """
     try:
         if data[128:132] == b"DICM":
@@ -186,7 +187,9 @@ def decode_image(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
                 from synthcxr.data.preprocess import to_grayscale
 
                 return _gray_to_rgb(np.asarray(to_grayscale(img), dtype=np.float32))
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            from synthcxr.data.preprocess import flatten_alpha
+
+            return np.asarray(flatten_alpha(img).convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, AttributeError, KeyError) as exc:
         raise DataError(f"cannot read image: {exc}", file=source, fix="re-export the file as PNG/JPEG or remove it") from exc
 
