@@ -171,7 +171,8 @@ def decode_image(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
     8-bit files go through PIL's `convert("RGB")` exactly as clean-fid does, so both give identical
     pixels, except that alpha follows the data layer's one rule (`data.preprocess.flatten_alpha`:
     composited over black, as the model was trained) where clean-fid drops it. High-bit-depth
-    grayscale (16-bit PNG, 12-bit data in 16-bit containers, float TIFF) and DICOM are scaled to 0..255 by the data layer's rules (`synthcxr.data`) instead of being clipped.
+    grayscale (16-bit PNG, 12-bit data in 16-bit containers, float TIFF) and DICOM are scaled to
+    0..255 by the data layer's rules (`synthcxr.data`) instead of being clipped.
     """
     try:
         if data[128:132] == b"DICM":
