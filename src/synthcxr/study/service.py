@@ -321,7 +321,7 @@ def _check_enlargement(chosen: Sequence[SourceImage], sizes: Sequence[tuple[int,
     what = (f"{'; '.join(parts)} are smaller than the study size of {image_size} px and would be enlarged: "
             "enlarged images are blurrier and compress differently, which lets readers tell the groups apart")
     if not allow_enlarge:
-        smallest = min(min(d) for d in sizes)
+        smallest = max(16, min(min(d) for d in sizes))  # 16 px: the smallest study size there is
         raise StudyError(what, fix=f"use --image-size {smallest} (the smallest side of all images), bring larger "
                                    "images, or pass --allow-enlarge to enlarge anyway (then a warning is printed "
                                    "and the leak check measures the effect)")
