@@ -71,6 +71,23 @@ def test_a_step_larger_than_the_training_set_only_warns_when_repeats_are_asked_f
     assert any("training split has 8" in r.getMessage() and "repeats" in r.getMessage() for r in caplog.records)
 
 
+def test_a_run_that_already_trains_with_repeats_in_a_step_still_resumes(make_config, tmp_path, monkeypatch, caplog):
+    """Its config may not change on --resume, so refusing it would strand the run: warn instead."""
+    from synthcxr.train import loop
+
+    real = loop._read_data
+    monkeypatch.setattr(loop, "_read_data", lambda cfg, processes, resuming: real(cfg, processes, True))
+    run = loop.train(make_config(train={"batch_size": 10, "max_steps": 1}), tmp_path / "run")  # as made before
+    monkeypatch.setattr(loop, "_read_data", real)
+    (run / "DONE").unlink()
+    with pytest.raises(ConfigError, match="training split has 8"):  # a new run is refused
+        loop.train(make_config(train={"batch_size": 10, "max_steps": 2}), tmp_path / "new")
+    with caplog.at_level(logging.WARNING, logger="synthcxr"):
+        loop.train(make_config(train={"batch_size": 10, "max_steps": 2}), run, resume=True)
+    assert (run / "DONE").read_text() == "finished step 2\n"
+    assert any("resuming a run" in r.getMessage() for r in caplog.records)
+
+
 def _stop_during_setup(monkeypatch):
     """A start that stops after the run directory was written but before any step (e.g. Ctrl-C while caching)."""
     from synthcxr.train import methods

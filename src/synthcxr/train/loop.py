@@ -384,8 +384,11 @@ def _determinism(cfg: TrainConfig) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _read_data(cfg: TrainConfig, processes: int) -> tuple[list[Any], dict[str, list[Any]]]:
-    """Records and their split, checked (enough training images for one step) without writing anything."""
+def _read_data(cfg: TrainConfig, processes: int, resuming: bool) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Records and their split, checked (enough training images for one step) without writing anything.
+
+    A run that already trained with repeats in its steps is resumed with a warning (its config may not change).
+    """
     from synthcxr.data.dataset import load_records
     from synthcxr.data.splits import split_records
 
@@ -400,10 +403,11 @@ def _read_data(cfg: TrainConfig, processes: int) -> tuple[list[Any], dict[str, l
         what = (f"one optimizer step takes {per_step} images (train.batch_size {t.batch_size} x "
                 f"gradient_accumulation {t.gradient_accumulation} x {processes} process(es)) but the training "
                 f"split has {n}, so every step would hold the same image more than once")
-        if t.repeats == 1:
+        if t.repeats == 1 and not resuming:
             raise ConfigError(what, fix=f"set train.batch_size (x gradient_accumulation) to at most {n}, add images, "
                               "or lower data.split.val/test; set train.repeats > 1 to repeat images on purpose")
-        log.warning("%s (train.repeats=%d asks for repeats)", what, t.repeats)
+        why = f"train.repeats={t.repeats} asks for repeats" if t.repeats > 1 else "resuming a run that trains so"
+        log.warning("%s (%s)", what, why)
     return records, splits
 
 
@@ -485,7 +489,7 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
 
     # 2. inputs, read and checked before anything is written: a bad data folder or model path leaves no
     # run directory behind that the corrected command would then have to resume or refuse
-    records, splits = _read_data(cfg, accelerator.num_processes)
+    records, splits = _read_data(cfg, accelerator.num_processes, resuming=state == "resume")
     models, base_model = _load_models(cfg)
 
     # 3. the run directory: config first (a run dir with its config can always be resumed)
