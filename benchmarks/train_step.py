@@ -16,6 +16,12 @@ peak memory is per case.
     python benchmarks/train_step.py                 # tiny model on the CPU, 64 px (a minute or two)
     python benchmarks/train_step.py --sd15          # SD1.5 architecture at 512 px on a GPU
     python benchmarks/train_step.py --sd15 --cases lora_bf16_bs4,full_bf16_bs4
+    python benchmarks/train_step.py --optimizer came,lion,muon   # optimizer step + state vs AdamW
+
+`--optimizer NAME[,NAME...]` compares optimizers instead of steps: the same model, method and data
+train with AdamW and with each NAME (at its documented default lr); it reports the median time of
+`optimizer.step()` alone and the bytes of optimizer state (every tensor in its state_dict: moments,
+schedule-free averages, 8-bit blocks and their scales), each also as a ratio to AdamW's.
 
 Results: a table on stdout and JSON (--out, default $OUT/train_step.json or /tmp/train_step.json).
 """
@@ -50,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak of the GPU (H100: 790)")
     p.add_argument("--workdir", default=None, help="where the random model and data are written (reused)")
+    p.add_argument("--optimizer", default=None, help="compare these optimizers (comma-separated) with adamw")
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -185,7 +192,9 @@ def reference_step(model: Path, data: Path, res: int, method: str, precision: st
 
 def ours_step(model: Path, data: Path, res: int, method: str, precision: str, bs: int, variant: str,
               total: int, run_dir: Path):
-    """synthcxr's own step, built from a training config (the switches a user sets in YAML)."""
+    """synthcxr's own step, built from a training config (the switches a user sets in YAML).
+
+    Variant "opt:NAME" is `ours` with optimizer NAME at its default lr; the optimizer comes back too."""
     import torch
 
     from synthcxr.config import build_config
@@ -197,7 +206,8 @@ def ours_step(model: Path, data: Path, res: int, method: str, precision: str, bs
         "model": {"path": str(model)},
         "data": {"path": str(data), "resolution": res, "split": {"val": 0.0, "test": 0.0}},
         "method": {"name": method, "rank": 4, "alpha": 4},
-        "optimizer": {"name": "adamw", "lr": 1e-4 if method == "lora" else 5e-6, "weight_decay": 1e-2},
+        "optimizer": ({"name": variant[4:], "lr": None} if variant.startswith("opt:")
+                      else {"name": "adamw", "lr": 1e-4 if method == "lora" else 5e-6, "weight_decay": 1e-2}),
         "train": {"max_steps": total, "batch_size": bs, "mixed_precision": precision,
                   "cache_latents": "none" if variant == "ours_nocache" else "ram",
                   "channels_last": on_gpu, "compile": "default" if variant == "ours_compile" else "none",
@@ -205,13 +215,14 @@ def ours_step(model: Path, data: Path, res: int, method: str, precision: str, bs
     })
     session = setup(cfg, run_dir)
     batches = session.batches()
-    return (lambda: session.train_step(batches)), sum(p.numel() for p in session.trainable.values())
+    return ((lambda: session.train_step(batches)), sum(p.numel() for p in session.trainable.values()),
+            getattr(session.optimizer, "optimizer", session.optimizer))
 
 
 def build_step(spec: dict, variant: str, total: int, run_dir: Path):
     model, data, res = Path(spec["model"]), Path(spec["data"]), spec["res"]
     if variant == "reference":
-        return reference_step(model, data, res, spec["method"], spec["precision"], spec["bs"])
+        return (*reference_step(model, data, res, spec["method"], spec["precision"], spec["bs"]), None)
     return ours_step(model, data, res, spec["method"], spec["precision"], spec["bs"], variant, total, run_dir)
 
 
@@ -232,12 +243,16 @@ def child(args: argparse.Namespace) -> None:
     total = args.warmup + args.steps
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {v: build_step(spec, v, total, Path(tmp) / v) for v in variants}
+        steps = {v: build_step(spec, v, total, Path(tmp) / v.replace(":", "_")) for v in variants}
+        opt_times: dict[str, list[float]] = {v: [] for v in variants}
+        for v, (_, _, optimizer) in steps.items():
+            if optimizer is not None:
+                optimizer.step = _timed(optimizer.step, opt_times[v])
         times: dict[str, list[float]] = {v: [] for v in variants}
         first: dict[str, float] = {}
         losses = {}
         for i in range(total):
-            for v, (step, _) in steps.items():
+            for v, (step, _, _) in steps.items():
                 sync()
                 t0 = time.perf_counter()
                 losses[v] = step()
@@ -251,6 +266,9 @@ def child(args: argparse.Namespace) -> None:
             results[v] = {"median_ms": 1e3 * med, "first_step_s": first[v], "n_timed": len(times[v]),
                           "img_per_s": spec["bs"] / med, "trainable_params": steps[v][1],
                           "loss_finite": bool(torch.isfinite(losses[v]).item())}
+            if steps[v][2] is not None:
+                results[v].update(opt_step_ms=1e3 * statistics.median(opt_times[v][args.warmup:]),
+                                  state_mib=optimizer_state_bytes(steps[v][2]) / 2**20)
     if len(variants) == 1:
         if torch.cuda.is_available():
             peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda max_memory_allocated"
@@ -258,6 +276,40 @@ def child(args: argparse.Namespace) -> None:
             peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process max RSS"
         results[variants[0]].update(peak_mem_gib=peak, peak_kind=kind)
     print("RESULT " + json.dumps(results), flush=True)
+
+
+def _timed(step, out: list[float]):
+    """optimizer.step, timed (device synchronised around it)."""
+    def timed(*args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        result = step(*args, **kwargs)
+        sync()
+        out.append(time.perf_counter() - t0)
+        return result
+
+    return timed
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state_dict (per-parameter state and per-group tensors)."""
+    import torch
+
+    seen: set[int] = set()
+
+    def walk(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(walk(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(v) for v in obj)
+        return 0
+
+    return walk(optimizer.state_dict())
 
 
 def run_child(spec: dict, warmup: int, steps: int) -> dict:
@@ -281,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--sd15 needs a GPU (SD1.5 at 512 px takes minutes per step on a CPU)")
     cases = GPU_CASES if args.sd15 else CPU_CASES
     wanted = list(cases) if args.cases == "all" else args.cases.split(",")
+    if args.optimizer:
+        return compare_optimizers(args, cases, wanted)
     variants = (args.variants or ("reference,ours_nocache,ours,ours_compile" if args.sd15
                                   else "reference,ours_nocache,ours")).split(",")
     model, data, res = prepare(args)
@@ -326,6 +380,50 @@ def main(argv: list[str] | None = None) -> None:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
         print(f"{name:18s} {variant:13s} {f(ips, '8.2f')} {f(mem, '9.2f')} {f(speed, '11.2f')} {f(memr, '9.2f')} {f(pct, '6.1f')}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1))
+    print(f"results written to {args.out}")
+
+
+def compare_optimizers(args: argparse.Namespace, cases: dict, wanted: list[str]) -> None:
+    """Optimizer-step time and state memory of each --optimizer against AdamW, same model and data.
+
+    On a CPU all optimizers of a case train side by side in one process with alternating steps (load
+    from other programs hits them alike); with --sd15 each runs in its own process (GPU memory)."""
+    import torch
+
+    names = ["adamw"] + [n for n in args.optimizer.split(",") if n != "adamw"]
+    variants = [f"opt:{n}" for n in names]
+    model, data, res = prepare(args)
+    env = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "warmup": args.warmup, "steps": args.steps, "resolution": res}
+    results: dict[str, dict] = {}
+    for name in wanted:
+        method, precision, bs = cases[name]
+        base = {"model": str(model), "data": str(data), "res": res, "method": method, "precision": precision, "bs": bs}
+        if args.sd15:
+            got = {v: run_child({**base, "variants": [v]}, args.warmup, args.steps)[v] for v in variants}
+        else:
+            got = run_child({**base, "variants": variants}, args.warmup, args.steps)
+        for v in variants:
+            results[f"{name}/{v[4:]}"] = got[v]
+            print(f"{name}/{v[4:]}: {json.dumps(got[v])[:300]}", file=sys.stderr, flush=True)
+    print(f"\noptimizer step on {env['device']} (torch {env['torch']}, {res} px, median of {args.steps} steps "
+          f"after {args.warmup} warm-up)")
+    print(f"{'case':15s} {'optimizer':21s} {'step ms':>9s} {'x adamw':>8s} {'state MiB':>10s} {'x adamw':>8s} "
+          f"{'img/s':>7s}")
+    for name in wanted:
+        ref = results.get(f"{name}/adamw", {})
+        for opt in names:
+            r = results[f"{name}/{opt}"]
+            if r.get("status") != "ok":
+                print(f"{name:15s} {opt:21s} failed: {r.get('error', '')[-200:]}")
+                continue
+            ok = ref.get("status") == "ok"
+            r["opt_step_vs_adamw"] = r["opt_step_ms"] / ref["opt_step_ms"] if ok else None
+            r["state_vs_adamw"] = r["state_mib"] / ref["state_mib"] if ok and ref["state_mib"] else None
+            print(f"{name:15s} {opt:21s} {r['opt_step_ms']:9.2f} {r['opt_step_vs_adamw'] or 0:8.2f} "
+                  f"{r['state_mib']:10.3f} {r['state_vs_adamw'] or 0:8.2f} {r['img_per_s']:7.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=1))
     print(f"results written to {args.out}")
