@@ -143,3 +143,13 @@ def test_schedule_free_validates_and_exports_the_averaged_weights(optimizer, mak
     assert set(exported) == {diffusers_name(k) for k in averaged}
     for name, value in averaged.items():
         assert torch.equal(exported[diffusers_name(name)], value), name
+
+
+@pytest.mark.parametrize("optimizer", SCHEDULE_FREE)
+def test_ema_on_a_schedule_free_optimizer_is_refused_at_load(optimizer):
+    from synthcxr.config import build_config
+    from synthcxr.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainConfig, {"optimizer": {"name": optimizer}, "train": {"ema": True}})
+    assert "already averages its weights" in str(err.value) and "train.ema=false" in str(err.value)

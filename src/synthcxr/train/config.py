@@ -343,6 +343,9 @@ class TrainConfig(Section):
     def _cross_checks(self) -> TrainConfig:
         if self.optimizer.relative_step and self.schedule.name not in ("constant",):
             raise ValueError("adafactor relative_step brings its own schedule; set schedule.name=constant")
+        if self.train.ema and self.optimizer.name in ("schedulefree_adamw", "prodigy_schedulefree"):
+            raise ValueError(f"optimizer {self.optimizer.name} already averages its weights (validation and export "
+                             "use that average); an EMA of its training point would replace it: set train.ema=false")
         return self
 
 
