@@ -153,3 +153,12 @@ def test_ema_on_a_schedule_free_optimizer_is_refused_at_load(optimizer):
     with pytest.raises(ConfigError) as err:
         build_config(TrainConfig, {"optimizer": {"name": optimizer}, "train": {"ema": True}})
     assert "already averages its weights" in str(err.value) and "train.ema=false" in str(err.value)
+
+
+def test_muon_with_oft_is_refused_at_load():
+    from synthcxr.config import build_config
+    from synthcxr.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainConfig, {"optimizer": {"name": "muon"}, "method": {"name": "oft"}})
+    assert "not matrices" in str(err.value) and "adamw" in str(err.value)

@@ -346,6 +346,9 @@ class TrainConfig(Section):
         if self.train.ema and self.optimizer.name in ("schedulefree_adamw", "prodigy_schedulefree"):
             raise ValueError(f"optimizer {self.optimizer.name} already averages its weights (validation and export "
                              "use that average); an EMA of its training point would replace it: set train.ema=false")
+        if self.optimizer.name == "muon" and self.method.name == "oft":
+            raise ValueError("optimizer muon orthogonalises weight matrices; OFT's parameters are packed skew-symmetric "
+                             "block entries, not matrices of a linear map: use another optimizer (e.g. adamw) with oft")
         return self
 
 
