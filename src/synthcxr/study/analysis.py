@@ -324,20 +324,46 @@ def reader_by_group(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return dict(out)
 
 
-def analyze(all_rows: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
-    """The whole analysis of one study's answers (first showings; repeats only for intra-reader)."""
-    rows = [r for r in all_rows if r.get("repeat_of_position") in (None, "")]
-    return _nan_to_none({
+def paired_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Paired (2AFC) design: proportion of pairs where the synthetic image was picked, per model and
+    per reader, with Wilson CIs (0.5 = readers cannot tell), and the share of 'left' answers."""
+    out: dict[str, Any] = {"models": [], "readers": []}
+    for key, label in (("model", "models"), ("reader", "readers")):
+        for value in sorted({r[key] for r in rows}):
+            g = [bool(r["correct"]) for r in rows if r[key] == value]
+            out[label].append({key: value, "n": len(g), "correct": sum(g) / len(g), "ci": wilson_ci(sum(g), len(g)),
+                               "picked_left": sum(r["picked"] == "left" for r in rows if r[key] == value) / len(g)})
+    return out
+
+
+def analyze(all_rows: list[dict[str, Any]], seed: int = 0, n_boot: int = 2000, delta: float = 0.05) -> dict[str, Any]:
+    """The whole analysis of one study's answers (first showings; repeats only for intra-reader).
+    Calibration answers (given with feedback) are left out of everything."""
+    from synthcxr.study.inference import mrmc_summary, realism_mixed_model, time_analysis
+
+    main = [r for r in all_rows if r.get("phase") in (None, "", "main")]
+    rows = [r for r in main if r.get("repeat_of_position") in (None, "")]
+    paired = [r for r in rows if r.get("design") == "paired"]
+    single = [r for r in rows if r.get("design") != "paired"]
+    result: dict[str, Any] = {
         "n_answers": len(all_rows),
+        "n_calibration": len(all_rows) - len(main),
         "n_first_showings": len(rows),
-        "groups": group_stats(rows, seed=seed, n_boot=n_boot),
-        "readers": reader_stats(rows),
-        "inter_reader": inter_reader(rows),
-        "intra_reader": intra_reader(all_rows),
-        "pairwise": pairwise(rows),
-        "reader_by_group": reader_by_group(rows),
+        "design": "paired" if paired else "single",
+        "groups": group_stats(single, seed=seed, n_boot=n_boot),
+        "readers": reader_stats(single),
+        "inter_reader": inter_reader(single),
+        "intra_reader": intra_reader([r for r in main if r.get("design") != "paired"]),
+        "pairwise": pairwise(single),
+        "reader_by_group": reader_by_group(single),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "resampled_unit": "image", "level": 0.95},
-    })
+        "mrmc": mrmc_summary(rows, delta=delta),
+        "time": time_analysis(rows),
+        "mixed_model": realism_mixed_model(single),
+    }
+    if paired:
+        result["paired"] = paired_stats(paired)
+    return _nan_to_none(result)
 
 
 # --- outputs ------------------------------------------------------------------------------------------
@@ -388,6 +414,29 @@ def write_outputs(result: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
         fig.savefig(out_dir / "realism_by_model.png", dpi=120)
         plt.close(fig)
         written.append(out_dir / "realism_by_model.png")
+
+    mrmc = result.get("mrmc") or {}
+    if mrmc.get("models"):
+        _csv(out_dir / "mrmc.csv", [{k: v for k, v in m.items() if k != "per_reader"} for m in mrmc["models"]])
+        written.append(out_dir / "mrmc.csv")
+        models = mrmc["models"]
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(models) + 2), 4))
+        delta = mrmc["delta"]
+        ax.axhspan(0.5 - delta, 0.5 + delta, color="#cccccc", alpha=0.6, label=f"0.5 +- {delta} (equivalence margin)")
+        ax.axhline(0.5, color="#555555", lw=1)
+        for k, m in enumerate(models):
+            lo, hi = m["ci"]
+            ax.errorbar([k], [m["auc"]], yerr=[[m["auc"] - lo], [hi - m["auc"]]], fmt="o", capsize=6,
+                        color="#2ca02c" if m["equivalent"] else "#dd8452")
+        ax.set_xticks(range(len(models)), [m["model"] for m in models], rotation=20, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("readers' AUC for telling it from real\n(OR 95% CI; 0.5 = indistinguishable)")
+        ax.set_title("MRMC: random readers and cases")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "mrmc_auc.png", dpi=120)
+        plt.close(fig)
+        written.append(out_dir / "mrmc_auc.png")
 
     heat = result["reader_by_group"]
     if heat:

@@ -320,13 +320,35 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
             task.shown_at = utcnow()
             db.commit()
         q = QuestionsConfig.model_validate(reader.study.questions)
-        return _render(request, "read.html", task=task, questions=q, done=done, total=total,
+        calibration = None
+        if task.phase == "calibration":
+            n_calib = sum(t.phase == "calibration" for t in reader.tasks)
+            calibration = {"number": task.position + 1, "total": n_calib}
+        template = "read_pair.html" if task.image2_id is not None else "read.html"
+        return _render(request, template, task=task, questions=q, done=done, total=total,
                        number=done + 1, csrf_token=ws.csrf_token, findings=FINDINGS, confidence_levels=CONFIDENCE_LEVELS,
-                       error=request.query_params.get("error"))
+                       error=request.query_params.get("error"), calibration=calibration)
 
     @app.get("/read/image/{public_id}")
     def read_image(public_id: str, ws: CurrentReader, db: SessionDep) -> Response:
         return Response(service.task_image(_own_task(db, ws, public_id)), media_type="image/png")
+
+    @app.get("/read/image/{public_id}/right")
+    def read_image_right(public_id: str, ws: CurrentReader, db: SessionDep) -> Response:
+        task = _own_task(db, ws, public_id)
+        if task.image2_id is None:
+            raise HTTPException(404, "Not found.")
+        return Response(service.task_image(task, "right"), media_type="image/png")
+
+    @app.get("/read/feedback/{public_id}", response_class=HTMLResponse)
+    def read_feedback(request: Request, public_id: str, ws: CurrentReader, db: SessionDep) -> Response:
+        """The right answer after a calibration image; 404 for any other task (never a study image's truth)."""
+        task = _own_task(db, ws, public_id)
+        if task.phase != "calibration" or task.answer is None:
+            raise HTTPException(404, "Not found.")
+        n_calib = sum(t.phase == "calibration" for t in task.reader.tasks)
+        return _render(request, "feedback.html", task=task, info=service.feedback(task),
+                       number=task.position + 1, total=n_calib, last=task.position + 1 == n_calib)
 
     @app.post("/read/answer/{public_id}")
     def answer(
@@ -334,15 +356,16 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
         csrf_token: Annotated[str, Form()] = "", realism: Annotated[str, Form()] = "",
         choice: Annotated[str, Form()] = "", confidence: Annotated[str, Form()] = "",
         finding: Annotated[str, Form()] = "", comment: Annotated[str, Form()] = "",
-        elapsed_ms: Annotated[str, Form()] = "",
+        elapsed_ms: Annotated[str, Form()] = "", picked: Annotated[str, Form()] = "",
     ) -> Response:
         check_csrf(ws, csrf_token)
         task = _own_task(db, ws, public_id)
         q = QuestionsConfig.model_validate(task.reader.study.questions)
         form = {"realism": realism, "choice": choice, "confidence": confidence, "finding": finding,
                 "comment": comment, "elapsed_ms": elapsed_ms}
+        form["picked"] = picked
         try:
-            parsed = parse_answer(q, form)
+            parsed = parse_answer(q, form, "paired" if task.image2_id is not None else "single")
         except AnswerRejected as exc:
             raise HTTPException(400, f"Answer not saved: {exc}. Go back and complete the form.") from None
         db.commit()  # end the read transaction before the write (see record_answer)
@@ -351,6 +374,8 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
                            message="You had already answered this image, probably in another tab or window. "
                                    "Your first answer was kept; this one was not saved.",
                            link=("/read", "Continue"))
+        if task.phase == "calibration":
+            return RedirectResponse(f"/read/feedback/{task.public_id}", 303)
         return RedirectResponse("/read", 303)
 
     @app.get("/pause", response_class=HTMLResponse)

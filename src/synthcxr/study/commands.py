@@ -36,6 +36,10 @@ def create(
     questions: Annotated[Path | None, typer.Option("--questions", help="YAML questionnaire (see QuestionsConfig).")] = None,
     finding: Annotated[bool | None, typer.Option("--finding/--no-finding", help="Ask for the finding (TB / normal / unsure).")] = None,
     comment: Annotated[bool | None, typer.Option("--comment/--no-comment", help="Offer a comment box.")] = None,
+    design: Annotated[str, typer.Option("--design", help="single (one image at a time, rated) or paired (a real and a synthetic image side by side: which one is synthetic?).")] = "single",
+    calibration: Annotated[int, typer.Option("--calibration", help="Calibration images (pairs) shown first, each followed by the right answer; drawn apart from the study images and never analysed.")] = 0,
+    counterbalance: Annotated[bool, typer.Option("--counterbalance", help="Show each model's images as one block, block order per reader from a Latin square.")] = False,
+    max_image_size: Annotated[int, typer.Option("--max-image-size", help="Cap of the automatic image size (1024 serves sources that large at 1024 px; smaller ones are never enlarged).")] = 512,
     directory: Annotated[Path | None, typer.Option("--dir", help="Folder for the blinded images (default: SYNTHCXR_STUDY_DIR or ./synthcxr-study).")] = None,
     db: DbOpt = None,
     base_url: BaseUrlOpt = None,
@@ -51,10 +55,12 @@ def create(
     created = create_study(settings.db, name, real=real or None, models=model or [], per_model=per_model,
                            real_count=real_count, readers=readers, seed=seed, questions=q, repeats=repeats,
                            image_size=image_size, study_dir=settings.dir, base_url=settings.base_url,
-                           allow_enlarge=allow_enlarge)
+                           allow_enlarge=allow_enlarge, design=design, calibration=calibration,
+                           counterbalance=counterbalance, max_image_size=max_image_size)
     typer.echo(f"study {created.name!r}: {created.n_images} images "
                f"({', '.join(f'{g} {n}' for g, n in sorted(created.groups.items()))}), "
-               f"{created.n_tasks_per_reader} per reader, shown at {created.blinding['image_size']} px")
+               f"{created.n_tasks_per_reader} {'pairs ' if design == 'paired' else ''}per reader"
+               f"{f' ({calibration} for calibration)' if calibration else ''}, shown at {created.blinding['image_size']} px")
     for line in _blinding_lines(created.blinding):
         typer.echo(line)
     typer.echo("One-time invite links (send each reader their own; they are not shown again):")
@@ -191,12 +197,13 @@ def status(
 def export(
     name: Annotated[str, typer.Argument(help="Study name.")],
     out: Annotated[Path, typer.Option("--out", help="CSV file to write (never overwritten).")],
+    mrmc: Annotated[bool, typer.Option("--mrmc", help="Write the MRMC long format (reader, case, modality, truth, rating) that R's MRMCaov and iMRMC read, without calibration answers and repeats.")] = False,
     db: DbOpt = None,
 ) -> None:
     """Write every answer (unblinded: with source and model) as CSV."""
     from synthcxr.study.service import export_ratings
 
-    typer.echo(export_ratings(_settings(db).db, name, out))
+    typer.echo(export_ratings(_settings(db).db, name, out, mrmc=mrmc))
 
 
 @app.command("analyze")
@@ -205,17 +212,30 @@ def analyze(
     out: Annotated[Path, typer.Option("--out", help="Folder for analysis.json, CSV tables and plots.")],
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 2000,
+    delta: Annotated[float, typer.Option("--delta", help="Equivalence margin: a model counts as indistinguishable from real when the readers' AUC is shown to lie within 0.5 +- delta (TOST, alpha 0.05).")] = 0.05,
     db: DbOpt = None,
 ) -> None:
-    """Realism per model with CIs, reader accuracy/AUC, agreement, pairwise tests, plots."""
+    """Realism per model with CIs, reader accuracy/AUC, MRMC AUC with equivalence test, agreement,
+    time per case, mixed model, pairwise tests, plots."""
     from synthcxr.study.service import analyze_study
 
-    result = analyze_study(_settings(db).db, name, out, seed=seed, n_boot=n_boot)
+    if not 0 < delta < 0.5:
+        from synthcxr.errors import StudyError
+
+        raise StudyError(f"--delta {delta} is out of range", fix="use a margin between 0 and 0.5, e.g. --delta 0.05")
+    result = analyze_study(_settings(db).db, name, out, seed=seed, n_boot=n_boot, delta=delta)
     for g in result["groups"]:
         lo, hi = g["realism_ci"] if g["realism_mean"] is not None else (None, None)
         mean = f"{g['realism_mean']:.2f} [{lo:.2f}, {hi:.2f}]" if g["realism_mean"] is not None else "-"
         real = f"{g['judged_real_fraction']:.2f}" if g["judged_real_fraction"] is not None else "-"
         typer.echo(f"{g['group']:>24}: realism {mean}, judged real {real} (n={g['n_ratings']})")
+    mrmc = result.get("mrmc") or {}
+    for m in mrmc.get("models", []):
+        verdict = "indistinguishable (TOST p = {:.3f})" if m["equivalent"] else "not shown indistinguishable (TOST p = {:.3f})"
+        typer.echo(f"{m['model']:>24}: MRMC AUC {m['auc']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}] "
+                   f"(df {m['df']:.1f}), {verdict.format(m['tost_p'])} within 0.5 +- {mrmc['delta']}")
+    if mrmc.get("skipped"):
+        typer.echo(f"MRMC analysis skipped: {mrmc['skipped']}")
     typer.echo(f"tables and plots in {out}")
 
 

@@ -71,6 +71,10 @@ class Study(Base):
     """Random secret the readers' orders are derived from (never shown; orders are stored as positions)."""
     blinding: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     """Source sizes/framing per group and the leak check measured at creation."""
+    design: Mapped[str] = mapped_column(String(16), default="single", server_default="single")
+    """"single" (one image, rated) or "paired" (a real and a synthetic image: which is synthetic?)."""
+    options: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    """Design options: calibration size, counterbalancing, the fixed pairs of a paired study (never shown)."""
     images: Mapped[list[Image]] = relationship(back_populates="study")
     readers: Mapped[list[Reader]] = relationship(back_populates="study", order_by="Reader.id")
 
@@ -87,6 +91,8 @@ class Image(Base):
     original_path: Mapped[str] = mapped_column(Text)
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
     sha256: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16), default="study", server_default="study")
+    """"study" or "calibration" (shown with feedback before the study, never analysed)."""
     study: Mapped[Study] = relationship(back_populates="images")
 
 
@@ -114,8 +120,15 @@ class Task(Base):
     position: Mapped[int] = mapped_column(Integer)
     repeat_of: Mapped[int | None] = mapped_column(ForeignKey("task.id"), nullable=True)
     shown_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    phase: Mapped[str] = mapped_column(String(16), default="main", server_default="main")
+    """"calibration" (feedback after the answer, excluded from analysis) or "main"."""
+    image2_id: Mapped[str | None] = mapped_column(ForeignKey("image.id"), nullable=True)
+    """Paired design: `image_id` is shown on the left, `image2_id` on the right."""
+    block: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """The model block of a counterbalanced study."""
     reader: Mapped[Reader] = relationship(back_populates="tasks")
-    image: Mapped[Image] = relationship()
+    image: Mapped[Image] = relationship(foreign_keys=[image_id])
+    image2: Mapped[Image | None] = relationship(foreign_keys=[image2_id])
     answer: Mapped[Answer | None] = relationship(back_populates="task", uselist=False)
     __table_args__ = (UniqueConstraint("reader_id", "position", name="uq_task_reader_position"),)
 
@@ -129,6 +142,8 @@ class Answer(Base):
     realism: Mapped[int | None] = mapped_column(Integer, nullable=True)
     judged_real: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     confidence: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    picked: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    """Paired design: the side the reader called synthetic ("left" / "right")."""
     finding: Mapped[str | None] = mapped_column(String(32), nullable=True)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     client_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)

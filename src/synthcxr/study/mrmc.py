@@ -64,8 +64,8 @@ class _Cell:
             loo[neg] = (total - psi.sum(axis=0)) / (m * (n - 1)) if n > 1 else math.nan
             self.loo = loo
             # DeLong structural components (per positive: V10, per negative: V01)
-            self.v10 = dict(zip(cases[pos], psi.mean(axis=1), strict=True))
-            self.v01 = dict(zip(cases[neg], psi.mean(axis=0), strict=True))
+            self.v10 = dict(zip(cases[pos], psi.mean(axis=1), strict=True)) if n else {}
+            self.v01 = dict(zip(cases[neg], psi.mean(axis=0), strict=True)) if m else {}
         elif metric in ("proportion_correct", "binary_sens"):
             keep = truth == 1 if metric == "binary_sens" else np.ones(len(cases), bool)
             self.cases = cases = cases[keep]

@@ -54,6 +54,8 @@ class AnswerInput:
     finding: str | None
     comment: str | None
     client_ms: int | None
+    picked: str | None = None
+    """Paired design: the side called synthetic ("left" / "right")."""
 
 
 class AnswerRejected(ValueError):
@@ -68,8 +70,9 @@ def _ascii_int(raw: str) -> int | None:
     return int(raw) if _ASCII_INT.fullmatch(raw) else None
 
 
-def parse_answer(q: QuestionsConfig, form: dict[str, str]) -> AnswerInput:
-    """Validate form fields; required = every enabled question except the comment."""
+def parse_answer(q: QuestionsConfig, form: dict[str, str], design: str = "single") -> AnswerInput:
+    """Validate form fields; required = every enabled question except the comment. A paired study
+    asks only which side is synthetic and (if enabled) the confidence."""
 
     def _int(name: str, lo: int, hi: int) -> int:
         value = _ascii_int((form.get(name) or "").strip())
@@ -77,6 +80,15 @@ def parse_answer(q: QuestionsConfig, form: dict[str, str]) -> AnswerInput:
             raise AnswerRejected(f"{name} must be a whole number from {lo} to {hi}")
         return value
 
+    if design == "paired":
+        picked = (form.get("picked") or "").strip()
+        if picked not in ("left", "right"):
+            raise AnswerRejected("choose the left or the right image")
+        confidence = _int("confidence", 1, 3) if q.confidence else None
+        comment = ((form.get("comment") or "").strip()[:4000] or None) if q.comment else None
+        raw_ms = _ascii_int((form.get("elapsed_ms") or "").strip())
+        return AnswerInput(None, None, confidence, None, comment,
+                           min(raw_ms, 86_400_000) if raw_ms is not None else None, picked)
     realism = _int("realism", 1, 5) if q.realism else None
     judged_real = None
     if q.real_vs_synthetic:

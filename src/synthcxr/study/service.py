@@ -28,6 +28,13 @@ from synthcxr.logging_utils import get_logger, progress_bar
 from synthcxr.study import db
 from synthcxr.study.csvsafe import csv_text
 from synthcxr.study.db import AdminToken, Answer, Image, Reader, Study, Task, session_scope
+from synthcxr.study.designs import (
+    balanced_sides,
+    block_order,
+    check_design,
+    make_pairs,
+    split_real_into_blocks,
+)
 from synthcxr.study.images import SourceImage, blind, collect_model, collect_real, dither_png, source_size
 from synthcxr.study.questions import AnswerInput, QuestionsConfig
 from synthcxr.study.security import database_secret, hash_token, new_token, opaque_id
@@ -141,8 +148,8 @@ def _keyed(order_key: str, purpose: str) -> bytes:
     return hmac.new(order_key.encode(), purpose.encode(), hashlib.sha256).digest()
 
 
-def _reading_order(image_ids: Sequence[str], order_key: str, reader_name: str,
-                   repeats: int) -> list[tuple[str, int | None]]:
+def _reading_order(image_ids: Sequence[str], order_key: str, reader_name: str, repeats: int,
+                   blocks: Sequence[tuple[str, Sequence[str]]] | None = None) -> list[tuple[str, int | None]]:
     """Random order for one reader; repeats re-show `repeats` images later on.
 
     The order is drawn from HMAC(study's secret key, reader name): the key is random per study and
@@ -151,11 +158,19 @@ def _reading_order(image_ids: Sequence[str], order_key: str, reader_name: str,
     drawn once, stored as task positions, and read back from there ever after.
 
     Returns (image_id, index of the original in the list or None). A repeat is placed at least a
-    few images after its original so it is not recognised from short-term memory.
+    few images after its original so it is not recognised from short-term memory. With `blocks`
+    ((name, image ids) in the reader's block order) each block is shuffled on its own.
     """
     rng = random.Random(int.from_bytes(_keyed(order_key, "order:" + reader_name), "big"))
-    order: list[tuple[str, int | None]] = [(i, None) for i in image_ids]
-    rng.shuffle(order)
+    if blocks is None:
+        order: list[tuple[str, int | None]] = [(i, None) for i in image_ids]
+        rng.shuffle(order)
+    else:
+        order = []
+        for _, ids in blocks:
+            part = [(i, None) for i in sorted(ids)]
+            rng.shuffle(part)
+            order += part
     if repeats:
         ids = [i for i, _ in order]
         gap = max(1, min(5, len(ids) // 3))
@@ -173,12 +188,34 @@ def _reading_order(image_ids: Sequence[str], order_key: str, reader_name: str,
     return order
 
 
-def task_image(task: Task) -> bytes:
+def task_image(task: Task, side: str = "left") -> bytes:
     """The file served for one task: the blinded image with this task's own dither (`dither_png`),
-    drawn from the study's secret, so it is the same on every request but differs between tasks."""
-    image = task.image
+    drawn from the study's secret, so it is the same on every request but differs between tasks.
+    `side="right"`: the right image of a pair (its own dither)."""
+    image = task.image2 if side == "right" else task.image
+    if image is None:
+        raise StudyError("this task shows one image only")
     data = (Path(image.study.image_dir) / f"{image.id}.png").read_bytes()
-    return dither_png(data, _keyed(image.study.order_key or "", "dither:" + task.public_id))
+    purpose = "dither:" + task.public_id + (":right" if side == "right" else "")
+    return dither_png(data, _keyed(image.study.order_key or "", purpose))
+
+
+def feedback(task: Task) -> dict[str, Any]:
+    """What a reader is told after answering a calibration task: the truth (and the model) and
+    whether their answer was right. Only ever for calibration tasks."""
+    if task.phase != "calibration" or task.answer is None:
+        raise StudyError("feedback is given for answered calibration images only")
+    answer = task.answer
+    if task.image2 is not None:
+        synthetic = task.image2 if task.image.source == REAL_GROUP else task.image
+        side = "left" if synthetic is task.image else "right"
+        return {"paired": True, "synthetic_side": side, "model": synthetic.model, "correct": answer.picked == side}
+    image = task.image
+    out: dict[str, Any] = {"paired": False, "source": image.source,
+                           "model": image.model if image.source != REAL_GROUP else None, "correct": None}
+    if answer.judged_real is not None:
+        out["correct"] = answer.judged_real == (image.source == REAL_GROUP)
+    return out
 
 
 def _add_reader(session: Session, study: Study, reader_name: str, secret: str) -> str:
@@ -193,16 +230,73 @@ def _add_reader(session: Session, study: Study, reader_name: str, secret: str) -
     session.flush()
     if study.order_key is None:
         study.order_key = new_order_key()
-    images = session.execute(select(Image.id, Image.model, Image.original_path).where(Image.study_id == study.id))
-    image_ids = [i for i, *_ in sorted(images, key=lambda row: (row[1], row[2]))]
-    order = _reading_order(image_ids, study.order_key, reader_name, study.repeats)
-    tasks = [Task(public_id=opaque_id(), reader_id=reader.id, image_id=i, position=n) for n, (i, _) in enumerate(order)]
-    session.add_all(tasks)
+    reader_index = session.scalar(select(func.count()).select_from(Reader).where(Reader.study_id == study.id)) - 1
+    tasks = _calibration_tasks(session, study, reader, reader_name)
+    if study.design == "paired":
+        tasks += _paired_tasks(study, reader, reader_name, reader_index, start=len(tasks))
+        session.add_all(tasks)
+        return token
+    images = session.execute(select(Image.id, Image.model, Image.original_path, Image.source)
+                             .where(Image.study_id == study.id, Image.role == "study"))
+    rows = sorted(images, key=lambda row: (row[1], row[2]))
+    blocks = None
+    models = sorted({m for _, m, _, src in rows if src != REAL_GROUP})
+    if (study.options or {}).get("counterbalance") and len(models) > 1:
+        real_share = split_real_into_blocks([i for i, _, _, src in rows if src == REAL_GROUP], models,
+                                            random.Random(_keyed(study.order_key, "real-blocks")))
+        blocks = [(m, [i for i, model, _, src in rows if model == m and src != REAL_GROUP] + real_share[m])
+                  for m in block_order(models, reader_index)]
+    order = _reading_order([i for i, *_ in rows], study.order_key, reader_name, study.repeats, blocks)
+    block_of = {i: b for b, ids in (blocks or []) for i in ids}
+    start = len(tasks)
+    main = [Task(public_id=opaque_id(), reader_id=reader.id, image_id=i, position=start + n, block=block_of.get(i))
+            for n, (i, _) in enumerate(order)]
+    session.add_all(tasks + main)
     session.flush()
-    for task, (_, original) in zip(tasks, order, strict=True):
+    for task, (_, original) in zip(main, order, strict=True):
         if original is not None:
-            task.repeat_of = tasks[original].id
+            task.repeat_of = main[original].id
     return token
+
+
+def _calibration_tasks(session: Session, study: Study, reader: Reader, reader_name: str) -> list[Task]:
+    """The calibration block, first: single images, or pairs in a paired study, in a secret order."""
+    rng = random.Random(int.from_bytes(_keyed(study.order_key, "calibration:" + reader_name), "big"))
+    if study.design == "paired":
+        pairs = list((study.options or {}).get("calibration_pairs", []))
+        rng.shuffle(pairs)
+        sides = balanced_sides(len(pairs), rng)
+        return [_pair_task(reader, p, left, n, "calibration") for n, (p, left) in enumerate(zip(pairs, sides, strict=True))]
+    ids = sorted(session.scalars(select(Image.id).where(Image.study_id == study.id, Image.role == "calibration")))
+    rng.shuffle(ids)
+    return [Task(public_id=opaque_id(), reader_id=reader.id, image_id=i, position=n, phase="calibration")
+            for n, i in enumerate(ids)]
+
+
+def _pair_task(reader: Reader, pair: dict[str, Any], synthetic_left: bool, position: int, phase: str) -> Task:
+    left, right = (pair["synthetic"], pair["real"]) if synthetic_left else (pair["real"], pair["synthetic"])
+    return Task(public_id=opaque_id(), reader_id=reader.id, image_id=left, image2_id=right, position=position,
+                phase=phase, block=pair["model"] if phase == "main" else None)
+
+
+def _paired_tasks(study: Study, reader: Reader, reader_name: str, reader_index: int, start: int) -> list[Task]:
+    """Every pair once, the synthetic image left in exactly half of them (drawn from the secret);
+    in model blocks ordered by the Latin square when counterbalanced."""
+    options = study.options or {}
+    pairs = list(options.get("pairs", []))
+    rng = random.Random(int.from_bytes(_keyed(study.order_key, "pairs:" + reader_name), "big"))
+    models = sorted({p["model"] for p in pairs})
+    if options.get("counterbalance") and len(models) > 1:
+        ordered = []
+        for model in block_order(models, reader_index):
+            block = [p for p in pairs if p["model"] == model]
+            rng.shuffle(block)
+            ordered += block
+        pairs = ordered
+    else:
+        rng.shuffle(pairs)
+    sides = balanced_sides(len(pairs), rng)
+    return [_pair_task(reader, p, left, start + n, "main") for n, (p, left) in enumerate(zip(pairs, sides, strict=True))]
 
 
 def admin_token_days() -> float:
@@ -343,6 +437,10 @@ def create_study(
     study_dir: str | Path | None = None,
     base_url: str = "http://127.0.0.1:8000",
     allow_enlarge: bool = False,
+    design: str = "single",
+    calibration: int = 0,
+    counterbalance: bool = False,
+    max_image_size: int = MAX_AUTO_SIZE,
 ) -> CreatedStudy:
     """Blind and store the images, check them for leaks, create readers with secret random orders,
     return invite links.
@@ -352,7 +450,12 @@ def create_study(
     group (None = all; `seed` decides which); `readers`: a count or a list of names; `repeats`:
     images shown twice to each reader (intra-reader agreement); `image_size`: side of the square
     images readers see (None = the smallest side of all chosen images, at most 512). Images smaller
-    than `image_size` are refused unless `allow_enlarge` (then a warning).
+    than `image_size` are refused unless `allow_enlarge` (then a warning); `max_image_size` caps the
+    automatic size (1024 serves large sources at 1024 px; smaller ones are never enlarged).
+    `design`: "single" or "paired" (each synthetic image beside a real one of the same label where
+    known, "which one is synthetic?"); `calibration`: images (pairs) shown first with the right
+    answer after each, drawn apart from the study images and never analysed; `counterbalance`:
+    model blocks in a Latin-square order per reader.
     """
     from synthcxr.study.leakcheck import features, leak_check, warnings_for
 
@@ -363,6 +466,13 @@ def create_study(
         raise StudyError(f"image size {image_size} is out of range", fix="use --image-size between 16 and 4096")
     if repeats < 0:
         raise StudyError("repeats must be >= 0", fix="pass --repeats 0 or more")
+    check_design(design)
+    if design == "paired" and repeats:
+        raise StudyError("repeats are for the single-image design", fix="drop --repeats or use --design single")
+    if calibration < 0:
+        raise StudyError("calibration must be >= 0", fix="pass --calibration 0 or more")
+    if not 16 <= max_image_size <= 4096:
+        raise StudyError(f"max image size {max_image_size} is out of range", fix="use --max-image-size between 16 and 4096")
     reader_names = [f"reader-{i + 1}" for i in range(readers)] if isinstance(readers, int) else list(readers)
     for reader_name in reader_names:
         check_name("reader", reader_name)
@@ -377,20 +487,29 @@ def create_study(
     # 2. collect and sample the images of every group
     rng = random.Random(seed)
     chosen: list[SourceImage] = []
+    pools: dict[str, tuple[list[SourceImage], Path]] = {}
     real_paths = [] if real is None else [real] if isinstance(real, str | Path) else list(real)
     real_images = [img for p in real_paths for img in collect_real(Path(p))]
     if real_images:
         chosen += _sample(real_images, real_count, rng, "the real images", Path(real_paths[0]))
+        pools[REAL_GROUP] = (real_images, Path(real_paths[0]))
     for group, path in _parse_models(models):
-        chosen += _sample(collect_model(path, group), per_model, rng, f"model {group!r}", path)
+        images = collect_model(path, group)
+        chosen += _sample(images, per_model, rng, f"model {group!r}", path)
+        pools[group] = (images, path)
     if not chosen:
         raise StudyError("the study has no images", fix="pass --real and/or --model")
+    if design == "paired" and (REAL_GROUP not in pools or len(pools) < 2):
+        raise StudyError("a paired study needs real images and at least one model", fix="pass --real and --model")
+    calib = _sample_calibration(pools, chosen, calibration, design, rng)
+    calib_keys = {(c.group, str(c.path)) for c in calib}
+    chosen += calib
     secrets.SystemRandom().shuffle(chosen)  # also the order files are written in: nothing groups by source on disk
 
     # 3. source sizes: choose the study size, refuse enlargement unless asked
     sizes = _geometry(chosen)
     if image_size is None:
-        image_size = max(16, min(MAX_AUTO_SIZE, min(min(d) for d in sizes)))
+        image_size = max(16, min(max_image_size, min(min(d) for d in sizes)))
     warnings = _check_enlargement(chosen, sizes, image_size, allow_enlarge)
 
     # 4. blind every image through the one pipeline into the study folder, under opaque ids
@@ -411,8 +530,10 @@ def create_study(
                 blinded = blind(src.path, image_size)
                 image_id = opaque_id()
                 atomic_write_bytes(image_dir / f"{image_id}.png", blinded.data)
+                role = "calibration" if (src.group, str(src.path)) in calib_keys else "study"
                 rows.append(Image(id=image_id, source=src.source, model=src.group, intended_label=src.label,
-                                  original_path=str(src.path), prompt=src.prompt, sha256=sha256_bytes(blinded.data)))
+                                  original_path=str(src.path), prompt=src.prompt, sha256=sha256_bytes(blinded.data),
+                                  role=role))
                 bars.append(blinded.bars)
                 feats.setdefault(src.group, []).append(features(blinded.data))
                 bar.advance(task)
@@ -436,7 +557,8 @@ def create_study(
             secret = secret_for(session)
             study = Study(name=name, seed=seed, image_dir=str(image_dir), image_size=image_size,
                           questions=q.model_dump(mode="json"), repeats=repeats, order_key=new_order_key(),
-                          blinding=blinding)
+                          blinding=blinding, design=design,
+                          options=_design_options(rows, design, calibration, counterbalance, seed))
             session.add(study)
             session.flush()
             for row in rows:
@@ -456,8 +578,53 @@ def create_study(
         groups[row.model] = groups.get(row.model, 0) + 1
     log.info("study %r: %d images (%s) at %d px, %d readers", name, len(rows),
              ", ".join(f"{g}={n}" for g, n in sorted(groups.items())), image_size, len(reader_names))
-    return CreatedStudy(name, invites, len(rows), len(rows) + min(repeats, len(rows)), image_dir, admin_token, groups,
-                        blinding, warnings)
+    n_main = sum(r.role == "study" for r in rows)
+    per_reader = (len(study.options.get("pairs", [])) + len(study.options.get("calibration_pairs", []))
+                  if design == "paired" else len(rows) + min(repeats, n_main))
+    return CreatedStudy(name, invites, len(rows), per_reader, image_dir, admin_token, groups, blinding, warnings)
+
+
+def _sample_calibration(pools: dict[str, tuple[list[SourceImage], Path]], chosen: list[SourceImage], n: int,
+                        design: str, rng: random.Random) -> list[SourceImage]:
+    """`n` calibration images (paired: `n` synthetic + `n` real) from images not in the study:
+    single design about half real, the rest spread over the models in turn."""
+    if n == 0:
+        return []
+    used = {(c.group, str(c.path)) for c in chosen}
+    left = {g: [i for i in imgs if (g, str(i.path)) not in used] for g, (imgs, _) in pools.items()}
+    models = sorted(g for g in pools if g != REAL_GROUP)
+    want: dict[str, int] = {}
+    if design == "paired":
+        want[REAL_GROUP] = n
+        for k in range(n):
+            want[models[k % len(models)]] = want.get(models[k % len(models)], 0) + 1
+    else:
+        n_real = (n + 1) // 2 if REAL_GROUP in pools and models else n if REAL_GROUP in pools else 0
+        if n_real:
+            want[REAL_GROUP] = n_real
+        for k in range(n - n_real):
+            want[models[k % len(models)]] = want.get(models[k % len(models)], 0) + 1
+    out: list[SourceImage] = []
+    for group, k in want.items():
+        if k > len(left[group]):
+            raise StudyError(f"{group!r} has {len(left[group])} images left after the study sample, "
+                             f"{k} needed for --calibration {n}", file=pools[group][1],
+                             fix="lower --calibration, --per-model or --real-count, or bring more images")
+        out += rng.sample(left[group], k)
+    return out
+
+
+def _design_options(rows: Sequence[Image], design: str, calibration: int, counterbalance: bool,
+                    seed: int) -> dict[str, Any]:
+    """What the design needs later (stored with the study, never shown to readers): the pairs of a
+    paired study are fixed here, so every reader reads the same cases (what MRMC analysis needs)."""
+    options: dict[str, Any] = {"calibration": calibration, "counterbalance": counterbalance}
+    if design == "paired":
+        for role, key in (("study", "pairs"), ("calibration", "calibration_pairs")):
+            info = [{"id": r.id, "model": r.model, "label": r.intended_label} for r in rows if r.role == role]
+            options[key] = make_pairs([i for i in info if i["model"] == REAL_GROUP],
+                                      [i for i in info if i["model"] != REAL_GROUP], random.Random(f"pairs:{seed}"))
+    return options
 
 
 def get_study(session: Session, name: str) -> Study:
@@ -518,7 +685,7 @@ def record_answer(session: Session, task: Task, answer: AnswerInput) -> bool:
     try:
         session.add(Answer(task_id=task.id, realism=answer.realism, judged_real=answer.judged_real,
                            confidence=answer.confidence, finding=answer.finding, comment=answer.comment,
-                           client_ms=answer.client_ms, server_ms=server_ms))
+                           client_ms=answer.client_ms, server_ms=server_ms, picked=answer.picked))
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -531,8 +698,9 @@ def answer_matches(session: Session, task: Task, answer: AnswerInput) -> bool:
     of mind in a second tab); the time taken does not count."""
     stored = session.scalar(select(Answer).where(Answer.task_id == task.id))
     return stored is not None and (stored.realism, stored.judged_real, stored.confidence, stored.finding,
-                                   stored.comment) == (answer.realism, answer.judged_real, answer.confidence,
-                                                       answer.finding, answer.comment)
+                                   stored.comment, stored.picked) == (answer.realism, answer.judged_real,
+                                                                      answer.confidence, answer.finding,
+                                                                      answer.comment, answer.picked)
 
 
 def progress(session: Session, reader_id: int) -> tuple[int, int]:
@@ -574,6 +742,16 @@ def simulate_answers(db_url: str, name: str, seed: int = 0) -> int:
                 if task.answer is not None:
                     continue
                 image = task.image
+                if task.image2 is not None:  # paired: right more often for the weaker models
+                    synthetic = image if image.source != REAL_GROUP else task.image2
+                    p_right = 1 / (1 + np.exp(offset[synthetic.model] + 0.3 + bias))
+                    right = rng.random() < p_right
+                    syn_side = "left" if synthetic is image else "right"
+                    picked = syn_side if right else ("right" if syn_side == "left" else "left")
+                    added += record_answer(session, task, AnswerInput(
+                        None, None, int(rng.integers(1, 4)) if q.confidence else None, None, None,
+                        int(rng.integers(2000, 20000)), picked))
+                    continue
                 latent = 3.0 + offset[image.model] + bias + rng.normal(0, 0.8)
                 realism = int(np.clip(np.rint(latent), 1, 5))
                 p_real = 1 / (1 + np.exp(-(latent - 3.0) * 1.5))
@@ -599,7 +777,12 @@ EXPORT_COLUMNS = [
     "study", "reader", "position", "task_id", "image_id", "repeat_of_position", "source", "model",
     "intended_label", "realism", "judged_real", "confidence", "finding", "comment", "client_ms", "server_ms",
     "answered_at", "original_path", "prompt",
+    # added with the paired design and the calibration block (kept last: older scripts read by position)
+    "design", "phase", "block", "image2_id", "source2", "synthetic_side", "picked", "correct", "original_path2",
 ]
+"""`phase` is "calibration" for the calibration block (answers given with feedback, never analysed).
+Paired rows: image_id/source/original_path are the left image, image2_id/source2/original_path2 the
+right one; model and intended_label are the synthetic image's; picked is the side called synthetic."""
 
 
 def ratings_table(db_url: str, name: str) -> list[dict[str, Any]]:
@@ -609,23 +792,35 @@ def ratings_table(db_url: str, name: str) -> list[dict[str, Any]]:
         study = get_study(session, name)
         positions = {t.id: t.position for r in study.readers for t in r.tasks}
         rows = []
+        images = {i.id: i for i in study.images}
         stmt = (
-            select(Answer, Task, Reader, Image)
+            select(Answer, Task, Reader)
             .join(Task, Answer.task_id == Task.id).join(Reader, Task.reader_id == Reader.id)
-            .join(Image, Task.image_id == Image.id)
             .where(Reader.study_id == study.id).order_by(Reader.id, Task.position)
         )
-        for answer, task, reader, image in session.execute(stmt):
-            rows.append({
-                "study": study.name, "reader": reader.name, "position": task.position, "task_id": task.public_id,
+        for answer, task, reader in session.execute(stmt):
+            image, image2 = images[task.image_id], images.get(task.image2_id) if task.image2_id else None
+            row = {
+                "study": study.name, "design": study.design, "phase": task.phase, "block": task.block,
+                "reader": reader.name, "position": task.position, "task_id": task.public_id,
                 "image_id": image.id,
                 "repeat_of_position": positions.get(task.repeat_of) if task.repeat_of is not None else None,
                 "source": image.source, "model": image.model, "intended_label": image.intended_label,
                 "realism": answer.realism, "judged_real": answer.judged_real, "confidence": answer.confidence,
-                "finding": answer.finding, "comment": answer.comment, "client_ms": answer.client_ms,
+                "finding": answer.finding, "comment": answer.comment, "image2_id": None, "source2": None,
+                "synthetic_side": None, "picked": answer.picked, "correct": None, "client_ms": answer.client_ms,
                 "server_ms": answer.server_ms, "answered_at": answer.answered_at.isoformat(),
-                "original_path": image.original_path, "prompt": image.prompt,
-            })
+                "original_path": image.original_path, "prompt": image.prompt, "original_path2": None,
+            }
+            if answer.judged_real is not None:
+                row["correct"] = answer.judged_real == (image.source == REAL_GROUP)
+            if image2 is not None:
+                synthetic = image2 if image.source == REAL_GROUP else image
+                side = "left" if synthetic is image else "right"
+                row.update(image2_id=image2.id, source2=image2.source, original_path2=image2.original_path,
+                           model=synthetic.model, intended_label=synthetic.intended_label, prompt=synthetic.prompt,
+                           synthetic_side=side, correct=answer.picked == side)
+            rows.append(row)
         return rows
 
 
@@ -634,14 +829,24 @@ def ratings_csv(rows: list[dict[str, Any]]) -> str:
     return csv_text(rows, EXPORT_COLUMNS)
 
 
-def export_ratings(db_url: str, name: str, out: str | Path) -> Path:
-    """Write all answers as CSV (one row per answer, unblinded). Refuses to overwrite a file."""
+def mrmc_csv(rows: list[dict[str, Any]]) -> str:
+    """The study's main answers (calibration and repeats left out) in the long format MRMCaov and
+    iMRMC read: reader, case, modality (model), truth (1 = synthetic), rating (higher = more synthetic)."""
+    from synthcxr.study.inference import MRMC_COLUMNS, mrmc_readings
+
+    main = [r for r in rows if r.get("phase") in (None, "main") and r.get("repeat_of_position") is None]
+    return csv_text(mrmc_readings(main), MRMC_COLUMNS)
+
+
+def export_ratings(db_url: str, name: str, out: str | Path, mrmc: bool = False) -> Path:
+    """Write all answers as CSV (one row per answer, unblinded), or with `mrmc` the MRMC long
+    format (`mrmc_csv`). Refuses to overwrite a file."""
     out = Path(out)
     if out.exists():
         raise StudyError("output file already exists", file=out, fix="choose another --out (ratings are never overwritten)")
     rows = ratings_table(db_url, name)
-    atomic_write_text(out, ratings_csv(rows))
-    log.info("wrote %d ratings to %s", len(rows), out)
+    atomic_write_text(out, mrmc_csv(rows) if mrmc else ratings_csv(rows))
+    log.info("wrote %d %s to %s", len(rows), "answers in MRMC format" if mrmc else "ratings", out)
     return out
 
 
@@ -667,14 +872,15 @@ def study_status(db_url: str, name: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def analyze_study(db_url: str, name: str, out_dir: str | Path, seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+def analyze_study(db_url: str, name: str, out_dir: str | Path, seed: int = 0, n_boot: int = 2000,
+                  delta: float = 0.05) -> dict[str, Any]:
     """Statistics a paper needs (see `analysis.analyze`), written as JSON/CSV tables and PNG plots."""
     from synthcxr.study.analysis import analyze, write_outputs
 
     rows = ratings_table(db_url, name)
     if not rows:
         raise StudyError(f"study {name!r} has no answers yet", fix="wait for readers (see `synthcxr study status`)")
-    result = analyze(rows, seed=seed, n_boot=n_boot)
+    result = analyze(rows, seed=seed, n_boot=n_boot, delta=delta)
     result["study"] = name
     result["generated_at"] = dt.datetime.now(dt.UTC).isoformat()
     write_outputs(result, rows, Path(out_dir))
