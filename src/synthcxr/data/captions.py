@@ -145,7 +145,8 @@ def attribute_values(record: XrayRecord | None, cfg: CaptionConfig, **attrs: Any
         "sex": get("sex") or None,
         "label": label or None,
         "finding": finding or None,
-        "condition": label or finding or None,
+        # multi-label sets (NIH, CheXpert, MIMIC) say only "abnormal" in the label: their finding is the condition
+        "condition": (finding if label == "abnormal" and finding else label or finding) or None,
         "source": get("source") or None,
         "patient_id": get("patient_id") or None,
     }

@@ -13,7 +13,7 @@ app = typer.Typer(no_args_is_help=True)
 
 PathsArg = Annotated[list[Path] | None, typer.Argument(help="Data set folder(s); a dataset root or its parent. "
                                                              "Defaults to data.path of --config.", show_default=False)]
-FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="auto, montgomery, shenzhen, folder or dicom.")]
+FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="auto, montgomery, shenzhen, folder, dicom, nih, chexpert or mimic.")]
 ManifestOpt = Annotated[Path | None, typer.Option("--manifest", help="CSV/JSONL with file, caption, label, patient_id, sex, age, finding.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML with the data settings (a data config, or a config with a `data:` section).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a data setting, e.g. --set resolution=256 (repeatable).")]
@@ -62,7 +62,7 @@ def inspect_command(
     from synthcxr.fileio import atomic_write_json
 
     cfg = data_config(paths, config, sets, format=format, manifest=manifest)
-    report = inspect_data(cfg.paths, cfg.format, cfg.manifest)
+    report = inspect_data(cfg.paths, cfg.format, cfg.manifest, frontal_only=cfg.frontal_only)
     render_report(report, _stdout_console())
     if json_out is not None:
         atomic_write_json(json_out, report.to_dict())
@@ -155,10 +155,11 @@ def captions_command(
 @app.command("make-fixture")
 def make_fixture_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the synthetic data set into.")],
-    layout: Annotated[str, typer.Option(help="shenzhen, montgomery, folder or dicom.")] = "shenzhen",
+    layout: Annotated[str, typer.Option(help="shenzhen, montgomery, folder, dicom, nih, chexpert or mimic.")] = "shenzhen",
     n: Annotated[int, typer.Option(help="Number of images.")] = 8,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    per_patient: Annotated[int, typer.Option(min=1, help="nih/chexpert/mimic: images per patient (one anatomy each).")] = 3,
 ) -> None:
     """Write a small synthetic chest-X-ray-like data set in a native layout (for trying the tools; not real data)."""
     from synthcxr.data.fixtures import LAYOUTS, make_fixture_dataset
@@ -166,5 +167,5 @@ def make_fixture_command(
 
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}", fix=f"use one of: {', '.join(LAYOUTS)}")
-    root = make_fixture_dataset(out_dir, layout, n=n, size=size, seed=seed)
+    root = make_fixture_dataset(out_dir, layout, n=n, size=size, seed=seed, per_patient=per_patient)
     _stdout_console().print(f"wrote {n} synthetic {layout} images to {root}")

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from synthcxr.config import StrictModel
 
-DataFormat = Literal["auto", "montgomery", "shenzhen", "folder", "dicom"]
+DataFormat = Literal["auto", "montgomery", "shenzhen", "folder", "dicom", "nih", "chexpert", "mimic"]
 
 
 class CaptionConfig(StrictModel):
@@ -22,7 +22,7 @@ class CaptionConfig(StrictModel):
     template: str = "a {class_noun}[ of a[ {age_phrase}][ {sex}]][, {condition}]"
     """Caption template. Placeholders: {class_noun}, {age} (whole years), {age_phrase} ("45 year old",
     "6 month old"), {sex}, {label}, {finding}, {condition} (the label, or the finding when no label is
-    known), {source}, {patient_id}. A `[...]` group is dropped when none of the placeholders inside it
+    known or the label is "abnormal", as in NIH/CheXpert/MIMIC: "cardiomegaly, effusion"), {source}, {patient_id}. A `[...]` group is dropped when none of the placeholders inside it
     are known, so missing attributes never show up as "None"."""
 
     instance_token: str = "sks"
@@ -86,7 +86,11 @@ class DataConfig(StrictModel):
     combined (e.g. Montgomery + Shenzhen)."""
 
     format: DataFormat = "auto"
-    """Layout: montgomery, shenzhen, folder (images + optional CSV/JSONL manifest), dicom, or auto-detect."""
+    """Layout: montgomery, shenzhen, folder (images + optional CSV/JSONL manifest), dicom, nih (ChestX-ray14),
+    chexpert, mimic (MIMIC-CXR-JPG), or auto-detect."""
+
+    frontal_only: bool = True
+    """nih/chexpert/mimic: keep PA/AP views only (lateral views are another image distribution)."""
 
     manifest: Path | None = None
     """CSV or JSONL with columns file, caption, label, patient_id, sex, age, finding (folder/DICOM data).

@@ -24,7 +24,7 @@ def load_records(cfg: DataConfig, full_check: bool = False) -> list[XrayRecord]:
     first); with `skip` they are logged and the affected images left out. `full_check` decodes every
     image (as `data inspect` does) instead of only checking PNG checksums.
     """
-    scan = scan_paths(cfg.paths, cfg.format, cfg.manifest, resolution=cfg.resolution)
+    scan = scan_paths(cfg.paths, cfg.format, cfg.manifest, resolution=cfg.resolution, frontal_only=cfg.frontal_only)
     records, problems = check_scan(scan, full=full_check)
     where = ", ".join(str(p) for p in cfg.paths)
     if problems:

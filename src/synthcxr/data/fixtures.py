@@ -19,7 +19,7 @@ from PIL import Image
 
 from synthcxr.data.records import NORMAL, TUBERCULOSIS
 
-LAYOUTS = ("shenzhen", "montgomery", "folder", "dicom")
+LAYOUTS = ("shenzhen", "montgomery", "folder", "dicom", "nih", "chexpert", "mimic")
 TB_FINDINGS = ("STB,ATB in the right upper field", "PTB in the left lower field",
                "secondary PTB in the bilateral upper fields", "STB,calcification in the left upper field")
 NORMAL_SPELLINGS = ("normal", "Normal.", "NORMAL", "normal ")
@@ -238,13 +238,16 @@ def _write_dicom_set(out_dir: Path, n: int, size: int, seed: int) -> Path:
     return root
 
 
-def make_fixture_dataset(out_dir: str | Path, layout: str = "shenzhen", n: int = 8, size: int = 64, seed: int = 0) -> Path:
+def make_fixture_dataset(out_dir: str | Path, layout: str = "shenzhen", n: int = 8, size: int = 64, seed: int = 0,
+                         per_patient: int = 3) -> Path:
     """Write `n` synthetic images of `size` px in `layout` under `out_dir`; returns the data set root.
 
     Roots: `ChinaSet_AllFiles` (shenzhen), `MontgomerySet` (montgomery), `xray_folder` (folder, with
     manifest.csv and mixed 8/16-bit PNG, JPEG, RGBA, palette and TIFF files), `dicom` (DICOMs incl.
     MONOCHROME1, 12-bit with rescale + window, and a VOI LUT; labels in manifest.csv). Several layouts
-    can share one `out_dir`, which `format: auto` then reads together.
+    can share one `out_dir`, which `format: auto` then reads together. `nih`, `chexpert` and `mimic`
+    write the public sets' CSV layouts with `per_patient` images per patient sharing one anatomy
+    (`fixtures_public`).
     """
     out_dir = Path(out_dir)
     if layout == "shenzhen":
@@ -255,4 +258,8 @@ def make_fixture_dataset(out_dir: str | Path, layout: str = "shenzhen", n: int =
         return _write_folder(out_dir, n, size, seed)
     if layout == "dicom":
         return _write_dicom_set(out_dir, n, size, seed)
+    if layout in ("nih", "chexpert", "mimic"):
+        from synthcxr.data.fixtures_public import make_public_fixture
+
+        return make_public_fixture(out_dir, layout, n=n, size=size, seed=seed, per_patient=per_patient)
     raise ValueError(f"unknown fixture layout {layout!r}; use one of {', '.join(LAYOUTS)}")

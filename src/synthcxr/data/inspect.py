@@ -63,9 +63,11 @@ class InspectReport:
         }
 
 
-def inspect_data(paths: list[Path], format: str = "auto", manifest: Path | None = None) -> InspectReport:
-    """Read and fully decode every image of `paths`; nothing is skipped silently."""
-    scan = scan_paths(paths, format, manifest, resolution=None, keep_pixels=False)
+def inspect_data(paths: list[Path], format: str = "auto", manifest: Path | None = None,
+                 frontal_only: bool = True) -> InspectReport:
+    """Read and fully decode every image of `paths`; nothing is skipped silently (big CSVs and image
+    sets show progress bars: reading the table, then checking the images)."""
+    scan = scan_paths(paths, format, manifest, resolution=None, keep_pixels=False, frontal_only=frontal_only)
     records, problems = check_scan(scan, full=True)
     return InspectReport(paths=list(paths), records=records, problems=problems)
 

@@ -393,6 +393,9 @@ READERS: dict[str, Reader] = {
     "folder": FolderReader("folder", images=True, dicom=True),
     "dicom": FolderReader("dicom", images=False, dicom=True),
 }
+from synthcxr.data.public_sets import PUBLIC_READERS  # noqa: E402 - they subclass Reader, defined above
+
+READERS.update(PUBLIC_READERS)
 
 
 def detect_layouts(path: Path) -> list[tuple[str, Path]]:
@@ -401,6 +404,9 @@ def detect_layouts(path: Path) -> list[tuple[str, Path]]:
     native = [(name, root) for name in ("montgomery", "shenzhen") for root in READERS[name].detect(path)]
     if native:
         return native
+    public = [(name, root) for name in PUBLIC_READERS for root in READERS[name].detect(path)]
+    if public:  # NIH / CheXpert / MIMIC tables: never walk their 100k images to guess a layout
+        return public
     if READERS["folder"].detect(path):
         has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in _visible_files(path, True))
         return [("folder" if has_images else "dicom", path)]
@@ -409,8 +415,10 @@ def detect_layouts(path: Path) -> list[tuple[str, Path]]:
 
 def scan_paths(paths: list[Path], format: str = "auto", manifest: Path | None = None,
                resolution: int | None = None,
-             keep_pixels: bool = True) -> ScanResult:
-    """Read every path with the given (or detected) layout; problems from all paths are combined."""
+             keep_pixels: bool = True, frontal_only: bool = True) -> ScanResult:
+    """Read every path with the given (or detected) layout; problems from all paths are combined.
+
+    `frontal_only`: the public sets' readers keep PA/AP views only (the others have no view column)."""
     result = ScanResult()
     for path in paths:
         path = Path(path).expanduser()
@@ -426,9 +434,11 @@ def scan_paths(paths: list[Path], format: str = "auto", manifest: Path | None = 
         else:
             if format not in READERS:
                 raise DataError(f"unknown data format {format!r}", fix=f"use one of: auto, {', '.join(READERS)}")
-            roots = READERS[format].detect(path) if format in ("montgomery", "shenzhen") else []
+            roots = READERS[format].detect(path) if format in ("montgomery", "shenzhen", *PUBLIC_READERS) else []
             found = [(format, r) for r in roots] or [(format, path)]
         for name, root in found:
             log.debug("reading %s as %s", root, name)
-            result.extend(READERS[name].scan(root, manifest=manifest, resolution=resolution, keep_pixels=keep_pixels))
+            views = {"frontal_only": frontal_only} if getattr(READERS[name], "takes_views", False) else {}
+            result.extend(READERS[name].scan(root, manifest=manifest, resolution=resolution, keep_pixels=keep_pixels,
+                                             **views))
     return result
