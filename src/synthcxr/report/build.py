@@ -208,6 +208,33 @@ def _study_section(data: ReportData) -> dict[str, Any] | None:
             "error": error, "other": other}
 
 
+def baseline_changes(data: ReportData, metrics: tuple[str, ...] = ("kid", "fid")) -> list[dict[str, Any]]:
+    """Each fine-tuned run's KID/FID beside the base model's (the grid's baseline run): what fine-tuning did.
+
+    Same prompts, seeds and real images for both, so the difference is the fine-tune's. Empty
+    without an evaluated baseline.
+    """
+    base = next((r for r in data.runs if r.baseline and r.eval is not None), None)
+    if base is None:
+        return []
+    base_values = {m.name: m for m in base.metric_list()}
+    out = []
+    for run in data.runs:
+        if run.baseline or run.eval is None:
+            continue
+        values = {m.name: m for m in run.metric_list()}
+        for name in metrics:
+            if name not in base_values or name not in values:
+                continue
+            before, after = base_values[name].value, values[name].value
+            change = (after - before) / before if before > 0 else None
+            out.append({"run": run.name, "metric": name, "baseline": base.name, "before": cell(before),
+                        "after": cell(after), "change": change,
+                        "text": f"{name.upper()} {cell(before)} → {cell(after)}"
+                                + (f" ({change:+.0%} vs the base model)" if change is not None else "")})
+    return out
+
+
 def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -> dict[str, Any]:
     columns, rows, kinds = summary_table(data)
     best = {c: _best(rows, c) for c in [*kinds["eval"], *kinds["study"], "val_loss"]}
@@ -244,6 +271,8 @@ def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -
         "columns": columns,
         "table": table,
         "highlights": highlights,
+        "vs_baseline": baseline_changes(data),
+        "baseline_name": next((r.name for r in data.runs if r.baseline), None),
         "way_text": WAY_TEXT,
         "loss_plot": loss,
         "val_plot": val,
