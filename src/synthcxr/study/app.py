@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -408,20 +409,89 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
     def admin_home(request: Request, ws: CurrentAdmin) -> Response:
         return _render(request, "admin.html", studies=service.study_status(settings.db), csrf_token=ws.csrf_token)
 
-    def _study_page(request: Request, ws: WebSession, name: str, new_link: tuple[str, str] | None = None) -> Response:
+    app.state.analysis = {}  # study name -> (answers analysed, result, {plot file: PNG bytes})
+    app.state.analysis_lock = threading.Lock()
+
+    def _analysis(name: str, refresh: bool = False) -> tuple[dict | None, dict[str, bytes]]:
+        """The dashboard's analysis: computed on first view and when the admin presses Refresh
+        (a full analysis takes seconds, so it is not redone on every page view). One at a time:
+        matplotlib's pyplot is not thread-safe, and parallel plot requests need one result."""
+        with app.state.analysis_lock:
+            return _analysis_locked(name, refresh)
+
+    def _analysis_locked(name: str, refresh: bool) -> tuple[dict | None, dict[str, bytes]]:
+        cached = app.state.analysis.get(name)
+        if cached is not None and not refresh:
+            return cached[1], cached[2]
+        rows = service.ratings_table(settings.db, name)
+        if not [r for r in rows if r.get("phase") != "calibration"]:
+            return None, {}
+        import tempfile
+
+        from synthcxr.study.analysis import analyze, write_outputs
+
+        result = analyze(rows, n_boot=1000)
+        result["generated_at"] = utcnow().strftime("%Y-%m-%d %H:%M:%S UTC")
+        with tempfile.TemporaryDirectory() as tmp:
+            written = write_outputs(result, rows, Path(tmp))
+            plots = {p.name: p.read_bytes() for p in written if p.suffix == ".png"}
+        app.state.analysis[name] = (len(rows), result, plots)
+        return result, plots
+
+    def _study_page(request: Request, ws: WebSession, name: str, new_link: tuple[str, str] | None = None,
+                    refresh: bool = False) -> Response:
         status = service.study_status(settings.db, name)[0]
         with app.state.sessions() as s:
             study = service.get_study(s, name)
             groups: dict[str, int] = {}
             for img in study.images:
-                groups[img.model] = groups.get(img.model, 0) + 1
+                if img.role == "study":
+                    groups[img.model] = groups.get(img.model, 0) + 1
             blinding = study.blinding
+            design = {"design": study.design, **(study.options or {})}
+        result, plots = _analysis(name, refresh)
         return _render(request, "admin_study.html", study=status, groups=groups, new_link=new_link,
-                       blinding=blinding, csrf_token=ws.csrf_token)
+                       blinding=blinding, csrf_token=ws.csrf_token, design=design, analysis=result,
+                       plots=sorted(plots))
 
     @app.get("/admin/study/{name}", response_class=HTMLResponse)
-    def admin_study(request: Request, name: str, ws: CurrentAdmin) -> Response:
-        return _study_page(request, ws, name)
+    def admin_study(request: Request, name: str, ws: CurrentAdmin, refresh: str = "") -> Response:
+        return _study_page(request, ws, name, refresh=refresh == "1")
+
+    @app.get("/admin/study/{name}/status.json")
+    def admin_status(name: str, ws: CurrentAdmin) -> Response:
+        """Progress per reader, polled by the dashboard (live progress without reloading)."""
+        import json
+
+        return Response(json.dumps(service.study_status(settings.db, name)[0]), media_type="application/json")
+
+    @app.get("/admin/study/{name}/plot/{file}")
+    def admin_plot(name: str, file: str, ws: CurrentAdmin) -> Response:
+        _, plots = _analysis(name)
+        if file not in plots:
+            raise HTTPException(404, "No such plot (yet): refresh the analysis.")
+        return Response(plots[file], media_type="image/png")
+
+    @app.get("/admin/study/{name}/reader/{reader_name}", response_class=HTMLResponse)
+    def admin_reader(request: Request, name: str, reader_name: str, ws: CurrentAdmin) -> Response:
+        """One reader: progress, their statistics and every answer (unblinded; admin only)."""
+        status = service.study_status(settings.db, name)[0]
+        mine = [r for r in status["readers"] if r["reader"] == reader_name]
+        if not mine:
+            raise HTTPException(404, f"Study {name!r} has no reader {reader_name!r}.")
+        rows = [r for r in service.ratings_table(settings.db, name) if r["reader"] == reader_name]
+        result, _ = _analysis(name)
+        stats = None
+        if result is not None:
+            table = (result.get("paired") or {}).get("readers") or result.get("readers") or []
+            stats = next((r for r in table if r.get("reader") == reader_name), None)
+        mrmc = {m["model"]: m["per_reader"].get(reader_name) for m in (result or {}).get("mrmc", {}).get("models", [])}
+        return _render(request, "admin_reader.html", study=name, reader=mine[0], rows=rows, stats=stats, mrmc=mrmc)
+
+    @app.get("/admin/study/{name}/mrmc.csv")
+    def admin_export_mrmc(name: str, ws: CurrentAdmin) -> Response:
+        return Response(service.mrmc_csv(service.ratings_table(settings.db, name)), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{name}-mrmc.csv"'})
 
     @app.post("/admin/study/{name}/readers", response_class=HTMLResponse)
     def admin_add_reader(request: Request, name: str, ws: CurrentAdmin, csrf_token: Annotated[str, Form()] = "",

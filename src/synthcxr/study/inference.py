@@ -78,7 +78,7 @@ def mrmc_summary(rows: list[dict[str, Any]], delta: float = 0.05, alpha: float =
     except (ValueError, ZeroDivisionError) as exc:
         return {"skipped": str(exc)}
     models = []
-    for model, one in res["tests"].items():
+    for model, one in sorted(res["tests"].items()):
         eq = tost(one["estimate"], one["se"], one["df"], 0.5, delta, alpha)
         models.append({"model": model, "auc": one["estimate"], "ci": one["ci"], "se": one["se"], "df": one["df"],
                        "n_readers": res["n_readers"], "n_cases": one["n_cases"],
