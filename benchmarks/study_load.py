@@ -7,6 +7,7 @@ percentiles. Everything runs on 127.0.0.1 and stops by itself (bounded loops, pe
 
     python benchmarks/study_load.py                  # 20 readers x 50 answers (the reference run)
     python benchmarks/study_load.py --readers 4 --answers 10
+    python benchmarks/study_load.py --design paired  # 20 readers x 50 pairs ("which one is synthetic?")
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _make_images(root: Path, n_real: int, n_model: int) -> tuple[Path, Path]:
     return real, model
 
 
-def _reader(base: str, invite: str, answers: int, barrier: threading.Barrier, out: dict[str, Any]) -> None:
+def _reader(base: str, invite: str, answers: int, barrier: threading.Barrier, out: dict[str, Any],
+            design: str = "single") -> None:
     import httpx
 
     latencies, cycles, duplicates = [], [], 0
@@ -60,6 +62,9 @@ def _reader(base: str, invite: str, answers: int, barrier: threading.Barrier, ou
                 task = TASK_RE.search(page).group(1)
                 data = {"csrf_token": CSRF_RE.search(page).group(1), "realism": str(1 + i % 5),
                         "choice": "real" if i % 2 else "synthetic", "confidence": "2", "elapsed_ms": "1500"}
+                if design == "paired":
+                    data = {"csrf_token": data["csrf_token"], "picked": "left" if i % 2 else "right",
+                            "confidence": "2", "elapsed_ms": "1500"}
                 t1 = time.perf_counter()
                 resp = client.post(f"/read/answer/{task}", data=data)
                 t2 = time.perf_counter()
@@ -76,8 +81,10 @@ def _reader(base: str, invite: str, answers: int, barrier: threading.Barrier, ou
     out.update(latencies=latencies, cycles=cycles, duplicates=duplicates)
 
 
-def run_load(readers: int = 20, answers: int = 50, workdir: Path | None = None, db_url: str | None = None) -> dict[str, Any]:
-    """Create a study with `answers` images, serve it on loopback, run the readers, check the DB.
+def run_load(readers: int = 20, answers: int = 50, workdir: Path | None = None, db_url: str | None = None,
+             design: str = "single") -> dict[str, Any]:
+    """Create a study with `answers` images (paired: `answers` pairs), serve it on loopback, run the
+    readers, check the DB.
 
     `db_url`: an empty database to use instead of a new SQLite file (e.g. PostgreSQL)."""
     from sqlalchemy import func, select
@@ -90,16 +97,17 @@ def run_load(readers: int = 20, answers: int = 50, workdir: Path | None = None, 
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     root = Path(tmp.name) if tmp else Path(workdir)
     try:
-        n_real = answers // 2
-        real, model = _make_images(root / "src", n_real, answers - n_real)
+        n_real = answers if design == "paired" else answers // 2
+        real, model = _make_images(root / "src", n_real, answers if design == "paired" else answers - n_real)
         db_url = db_url or f"sqlite:///{root / 'load.sqlite3'}"
         created = create_study(db_url, "load", real=real, models=[model], per_model=None, real_count=None,
                                readers=readers, seed=0, image_size=64, study_dir=root / "study",
-                               base_url="http://127.0.0.1")
+                               base_url="http://127.0.0.1", design=design)
         results: list[dict[str, Any]] = [{} for _ in range(readers)]
         barrier = threading.Barrier(readers + 1)
         with background_server(StudySettings(db=db_url, dir=root / "study")) as base:
-            threads = [threading.Thread(target=_reader, args=(base, link, answers, barrier, results[n]), daemon=True)
+            threads = [threading.Thread(target=_reader, args=(base, link, answers, barrier, results[n], design),
+                                        daemon=True)
                        for n, link in enumerate(created.invites.values())]
             for t in threads:
                 t.start()
@@ -136,14 +144,16 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=20)
     parser.add_argument("--answers", type=int, default=50, help="answers per reader")
     parser.add_argument("--db", default=None, help="an empty database URL (default: a new SQLite file)")
+    parser.add_argument("--design", default="single", choices=["single", "paired"])
     args = parser.parse_args()
     import logging
 
     logging.getLogger("synthcxr").setLevel(logging.WARNING)
-    r = run_load(args.readers, args.answers, db_url=args.db)
+    r = run_load(args.readers, args.answers, db_url=args.db, design=args.design)
     ok = not r["errors"] and r["stored"] == r["expected"] == r["distinct_tasks"]
     backend = (args.db or "sqlite").split(":")[0]
-    print(f"{r['readers']} readers x {r['answers_per_reader']} answers on 127.0.0.1 ({backend}, one uvicorn worker)")
+    print(f"{r['readers']} readers x {r['answers_per_reader']} answers ({args.design} design) on 127.0.0.1 "
+          f"({backend}, one uvicorn worker)")
     print(f"stored answers: {r['stored']} (expected {r['expected']}, distinct tasks {r['distinct_tasks']}, "
           f"{r['double_submits']} double submits ignored)")
     print(f"throughput: {r['answers_per_s']:.1f} answers/s over {r['wall_s']:.1f} s")

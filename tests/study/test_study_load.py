@@ -34,6 +34,18 @@ def test_full_load_20_readers_x_50_answers(tmp_path):
     _check(_load_module().run_load(readers=20, answers=50, workdir=tmp_path), 20, 50)
 
 
+def test_small_concurrent_load_paired(tmp_path):
+    _check(_load_module().run_load(readers=4, answers=10, workdir=tmp_path, design="paired"), 4, 10)
+
+
+@pytest.mark.slow
+def test_full_load_paired_20_readers_x_50_answers(tmp_path):
+    """The paired design under load: 20 readers x 50 pairs -> exactly 1,000 answers stored."""
+    result = _load_module().run_load(readers=20, answers=50, workdir=tmp_path, design="paired")
+    _check(result, 20, 50)
+    assert result["stored"] == 1000
+
+
 def test_simultaneous_submits_of_one_task_store_one_answer(study):
     """Two tabs / a double click racing on a live server: the unique constraint keeps one answer."""
     import threading
