@@ -1,0 +1,1 @@
+"""Turn a generation folder into a data set others can load (image folder, Parquet, WebDataset) with its card."""
