@@ -253,10 +253,11 @@ def jackknife_intervals(stat: Callable[[np.ndarray, np.ndarray], dict[str, float
 
 def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, fid_method: str = "svd", kid_subsets: int = 100,
                      kid_subset_size: int = 1000, k: int = 5, ci_groups: int = 20, level: float = 0.95,
-                     seed: int = 0) -> tuple[dict[str, Any], list[str]]:
+                     seed: int = 0, memory_limit: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """FID, KID and PRDC with jackknife CIs (`jackknife_intervals` says what they mean), plus warnings.
 
     `ci_groups`: jackknife groups per set (0 = no intervals); each statistic is recomputed 2G times.
+    `memory_limit`: bytes of N x N matrices beyond which KID/PRDC run in blocks (`bounded.py`, same numbers).
     """
     real = np.asarray(real, np.float64)
     fake = np.asarray(fake, np.float64)
@@ -272,11 +273,12 @@ def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, fid_method: str = "s
         warnings.append(f"fewer images than feature dimensions ({min(n_r, n_f)} <= {d}): covariances are rank-deficient")
 
     value = fid(real, fake, fid_method)
-    kernels = KernelMatrices(real, fake)
+    from synthcxr.evaluate.bounded import pairwise_stats
+
+    kernels, distances = pairwise_stats(real, fake, k, groups=ci_groups, seed=seed, limit=memory_limit)
     kid_res = kid(real, fake, kid_subsets, kid_subset_size, seed, kernels=kernels)
     if kid_res["subset_size_capped"]:
         warnings.append(f"KID subset size capped at {kid_res['subset_size']} (the smaller set)")
-    distances = PRDCDistances(real, fake, k)
     prdc_vals = distances.values()
 
     intervals: dict[str, dict[str, Any]] = {}
