@@ -36,9 +36,12 @@ def test_cli_writes_json_and_prints_table_then_reuses_cached_features(image_sets
     assert (tmp_path / "eval_split.json").is_file() and list((tmp_path / "eval_pairs").glob("pair_*.png"))
 
     # a new synthetic set against the same real set: real features come from the cache
+    # (not the --test images: the first run featurized them as memorization hold-outs)
+    from .conftest import make_images
+
     out2 = tmp_path / "eval2.json"
-    main(["evaluate", "--real", str(image_sets["real"]), "--fake", str(image_sets["test"]), "--out", str(out2),
-          "--metrics", "fidelity", *FAST])
+    main(["evaluate", "--real", str(image_sets["real"]), "--fake", str(make_images(tmp_path / "new", 8, seed=9)),
+          "--out", str(out2), "--metrics", "fidelity", *FAST])
     res2 = json.loads(out2.read_text())
     assert res2["features"]["real"] == {"computed": 0, "cached": 16}
     assert res2["features"]["fake"]["computed"] == 8

@@ -12,7 +12,7 @@ from synthcxr.errors import EvaluationError
 from synthcxr.evaluate.diversity import msssim_setting, random_pairs, within_set_msssim
 from synthcxr.evaluate.features import ExtractorConfig, build_extractor, extract_features
 from synthcxr.evaluate.images import load_gray_stack
-from synthcxr.evaluate.memorization import memorization_check
+from synthcxr.evaluate.memorization import FALLBACK_THRESHOLDS, calibrate, memorization_check
 
 from .conftest import make_images
 
@@ -60,15 +60,46 @@ def test_memorization_finds_a_planted_copy(tmp_path):
     ext = build_extractor(ExtractorConfig(name="random", device="cpu"))
     fake_paths, train_paths = sorted(fake.glob("*.png")), sorted(train.glob("*.png"))
     res = memorization_check(extract_features(fake_paths, ext).features, extract_features(train_paths, ext).features,
-                             fake_paths, train_paths, ssim_size=64, ssim_candidates=5, top_pairs=3,
-                             pairs_dir=tmp_path / "pairs")
+                             fake_paths, train_paths, candidates=5, top_pairs=3, pairs_dir=tmp_path / "pairs")
     top_names = {p["synthetic"].rsplit("/", 1)[-1] for p in res["top_pairs"][:2]}
     assert top_names == {"zz_copy.png", "zz_exact.png"}
     for pair in res["top_pairs"][:2]:
-        assert pair["nearest_by_ssim"] == str(planted) and pair["nearest_by_feature"] == str(planted)
-        assert pair["flagged"] and pair["ssim"] > 0.95
-    assert res["top_pairs"][0]["ssim"] == pytest.approx(1.0)
+        assert pair["nearest_by_copy"] == str(planted) and pair["nearest_by_feature"] == str(planted)
+        assert pair["flagged"] and pair["copy_similarity"] > 0.95
+        assert pair["alignment"] == {"mirror": False, "rotation_deg": 0.0, "scale": 1.0, "shift_px": [0, 0]}
+    assert res["top_pairs"][0]["copy_similarity"] == pytest.approx(1.0, abs=1e-4)
     assert {p["synthetic"] for p in res["flagged"]} == {str(fake / "zz_copy.png"), str(fake / "zz_exact.png")}
     saved = sorted((tmp_path / "pairs").glob("pair_*.png"))
     assert len(saved) == 3 and Image.open(saved[0]).size == (256 * 2 + 8, 256)
-    assert res["ssim"]["max"] == pytest.approx(1.0) and len(res["ssim"]["histogram"]["counts"]) == 10
+    assert res["copy_similarity"]["max"] == pytest.approx(1.0, abs=1e-4)
+    assert len(res["copy_similarity"]["histogram"]["counts"]) == 10
+    # 12 training images and no hold-outs: calibrated leave-one-out, and the result says so
+    cal, copy = res["calibration"], res["thresholds"]["copy_similarity"]
+    assert cal["null"] == "leave-one-out" and cal["n_null"] == 12 and "no real hold-out" in cal["note"]
+    assert copy["null_n"] == 12 and copy["null_above"] == 0 and "quantile" in copy["source"]
+    assert f"<= {copy['threshold']:.4f}" in res["not_flagged_means"] and "horizontal mirror" in res["not_flagged_means"]
+
+
+def test_memorization_thresholds_fall_back_without_a_null(tmp_path):
+    """Three training images and no hold-outs cannot calibrate anything: the fixed fallbacks are used and named."""
+    train = sorted(make_images(tmp_path / "train", 3, seed=1).glob("*.png"))
+    fake = sorted(make_images(tmp_path / "fake", 2, seed=2).glob("*.png"))
+    ext = build_extractor(ExtractorConfig(name="random", device="cpu"))
+    res = memorization_check(extract_features(fake, ext).features, extract_features(train, ext).features, fake, train,
+                             top_pairs=0)
+    assert res["calibration"]["null"] == "none" and "too few" in res["calibration"]["note"]
+    assert res["thresholds"]["copy_similarity"]["threshold"] == FALLBACK_THRESHOLDS["copy_similarity"]
+    assert "fallback" in res["thresholds"]["copy_similarity"]["source"] and "fallback" in res["not_flagged_means"]
+
+
+def test_calibrated_threshold_is_a_high_quantile_of_the_null():
+    rng = np.random.default_rng(0)
+    null = np.tanh(rng.normal(1.5, 0.1, 2000))
+    big = calibrate(null, 0.99, None, 0.5)
+    assert big["threshold"] == pytest.approx(np.quantile(null, 0.99)) and big["source"].startswith("empirical")
+    assert big["null_above"] == sum(null > big["threshold"]) and 10 <= big["null_above"] <= 30
+    small = calibrate(null[:12], 0.99, None, 0.5)  # too few for an empirical 0.99 quantile: a fitted tail
+    assert small["threshold"] > null[:12].max() and "Fisher" in small["source"] and small["null_above"] == 0
+    assert calibrate(null[:12], 1.0, None, 0.5)["threshold"] == null[:12].max()
+    assert calibrate(null, 0.99, 0.9, 0.5) == {**calibrate(null, 0.99, 0.9, 0.5), "threshold": 0.9,
+                                               "source": "fixed by the user"}

@@ -64,10 +64,16 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"MS-SSIM {role}", f"{d['mean']:.4f}", _ci(d, "mean")[1], f"{d['n_pairs']} pairs, {d['scales']} scales"))
     mem = results.get("memorization")
     if mem:
+        th = mem["thresholds"]
+        cal = mem["calibration"]
+        rows.append(("Nearest-train copy similarity (max)", f"{mem['copy_similarity']['max']:.4f}", "",
+                     f"threshold {th['copy_similarity']['threshold']:.4f}"))
         rows.append(("Nearest-train cosine (max)", f"{mem['feature_cosine']['max']:.4f}", "",
-                     f"median {mem['feature_cosine']['median']:.4f}"))
-        rows.append(("Nearest-train SSIM (max)", f"{mem['ssim']['max']:.4f}", "", f"median {mem['ssim']['median']:.4f}"))
-        rows.append(("Flagged near-copies", str(mem["n_flagged"]), "", f"of {mem['n_synthetic']} synthetic"))
+                     f"threshold {th['feature_cosine']['threshold']:.4f}" if mem["flag_by_features"]
+                     else "flags nothing (random-weight extractor)"))
+        null = (f"q={cal['quantile']:g} of {cal['n_null']} {cal['null']} real images, "
+                f"{th['copy_similarity'].get('null_above', 0)} above" if cal["null"] != "none" else "fallback thresholds")
+        rows.append(("Flagged near-copies", str(mem["n_flagged"]), "", f"of {mem['n_synthetic']} synthetic; {null}"))
     util = results.get("utility")
     if util:
         rows += utility_rows(util)

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from synthcxr import __version__
 from synthcxr.config import StrictModel
 from synthcxr.evaluate.features import ExtractorConfig
+from synthcxr.evaluate.memorization import CopySearch
 from synthcxr.evaluate.utility import UtilityConfig
 from synthcxr.fileio import atomic_write_json
 from synthcxr.logging_utils import get_logger
@@ -57,14 +58,65 @@ class DiversityConfig(StrictModel):
 
 
 class MemorizationConfig(StrictModel):
-    ssim_size: int = Field(128, ge=16)
-    ssim_candidates: int = Field(20, ge=0)
-    """SSIM is computed against this many nearest training images by feature similarity (0 = all)."""
-    feature_threshold: float = 0.95
-    ssim_threshold: float = 0.9
+    """The near-copy check (see evaluate/memorization.py): what it looks through and how it is calibrated."""
+
+    image_size: int = Field(64, ge=16)
+    """Comparison size of the copy similarity, px (shifts are counted in these pixels)."""
+    max_shift: int = Field(8, ge=0)
+    """Largest shift undone, px at image_size (at most image_size / 4)."""
+    rotations: list[float] = Field(default_factory=lambda: [-5.0, -2.5, 0.0, 2.5, 5.0])
+    """Rotations tried, degrees."""
+    scales: list[float] = Field(default_factory=lambda: list(CopySearch().scales))
+    """Magnifications tried (0.85-1.18 undoes crops keeping >= 85% and rescales down to 0.85)."""
+    mirror: bool = True
+    """Also try the horizontal mirror."""
+    candidates: int = Field(10, ge=0)
+    """Training images compared per image: this many nearest by features plus as many by thumbnails (0 = all)."""
+    quantile: float = Field(0.99, gt=0.5, le=1.0)
+    """Flag above this quantile of the null (real images not in the training set); 1.0 = above their maximum."""
+    holdout: Path | None = None
+    """Real images not used in training, for the null. Default: the --real and --test images whose content
+    is not in the training set; with fewer than 10 of them, leave-one-out within the training set."""
+    copy_threshold: float | None = None
+    """A fixed copy-similarity threshold instead of the calibrated one."""
+    feature_threshold: float | None = None
+    """A fixed feature-cosine threshold instead of the calibrated one."""
+    flag_by_features: bool | None = None
+    """Whether feature cosines flag too. Default: only with a pretrained extractor (random weights flag noise)."""
     top_pairs: int = Field(8, ge=0)
     pairs_dir: Path | None = None
     """Where the side-by-side PNGs go (default: `<out stem>_pairs/` beside the JSON)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_ssim_keys(cls, data: Any) -> Any:
+        """Keys of the former SSIM check: sizes and candidate counts are read under their new names."""
+        if not isinstance(data, dict):
+            return data
+        data = {**data}
+        for old, new in (("ssim_size", "image_size"), ("ssim_candidates", "candidates")):
+            if old in data:
+                value = data.pop(old)
+                data.setdefault(new, value)
+                log.warning("memorization.%s is now memorization.%s (%s used): rename it in your config", old, new, value)
+        if "ssim_threshold" in data:
+            data.pop("ssim_threshold")
+            log.warning("memorization.ssim_threshold was removed: thresholds are calibrated on real hold-out images "
+                        "now (set memorization.copy_threshold to fix one)")
+        return data
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> MemorizationConfig:
+        if self.max_shift > self.image_size // 4:
+            raise ValueError(f"memorization.max_shift={self.max_shift} is more than image_size/4 "
+                             f"({self.image_size // 4}): raise memorization.image_size or lower max_shift")
+        if not self.rotations or not self.scales or min(self.scales) <= 0:
+            raise ValueError("memorization.rotations and memorization.scales need at least one value (scales > 0), "
+                             "e.g. rotations: [0] and scales: [1.0] to undo shifts only")
+        return self
+
+    def search(self) -> CopySearch:
+        return CopySearch(self.image_size, self.max_shift, tuple(self.rotations), tuple(self.scales), self.mirror)
 
 
 class EvaluateConfig(StrictModel):
@@ -113,7 +165,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from synthcxr.evaluate.fidelity import fidelity_metrics
     from synthcxr.evaluate.imagecache import DecodedImageCache
     from synthcxr.evaluate.images import load_gray_stack, read_image_set
-    from synthcxr.evaluate.memorization import memorization_check
+    from synthcxr.evaluate.memorization import holdout_images, memorization_check
     from synthcxr.evaluate.utility import utility_check
 
     started = time.perf_counter()
@@ -128,15 +180,22 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         sets["train"] = read_image_set(cfg.train, "train")
     if cfg.test is not None:
         sets["test"] = read_image_set(cfg.test, "test")
+    if "memorization" in cfg.metrics and cfg.memorization.holdout is not None:
+        sets["holdout"] = read_image_set(cfg.memorization.holdout, "holdout")
     train_set = sets.get("train", sets["real"])
     if cfg.train is None and ("memorization" in cfg.metrics or "utility" in cfg.metrics):
         warnings.append("no --train set given: memorization and the classifier use the --real images as the training set")
 
     # 2. features (only what fidelity and memorization need), cached by content hash
     cache_dir = cfg.cache_dir or default_cache_dir()
-    needs_features = {"fidelity": ["real", "fake"], "memorization": ["fake", "train"]}
+    # memorization's null: real images not in the training set (an explicit hold-out set, or --real/--test)
+    # (without --train, --real is the training set and cannot be part of it)
+    null_roles = ["holdout"] if "holdout" in sets else [
+        r for r in ("real", "test") if r in sets and not (r == "real" and cfg.train is None)]
+    needs_features = {"fidelity": ["real", "fake"], "memorization": ["fake", "train", *null_roles]}
     roles = sorted({r for m, rs in needs_features.items() if m in cfg.metrics for r in rs})
     feats: dict[str, Any] = {}
+    hashes: dict[str, list[str]] = {}
     feature_counts: dict[str, dict[str, int]] = {}
     extractor = None
     if roles:
@@ -149,7 +208,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         try:
             for role in roles:
                 if role == "train" and cfg.train is None and "real" in feats:  # the same images
-                    feats["train"] = feats["real"]
+                    feats["train"], hashes["train"] = feats["real"], hashes["real"]
                     continue
                 image_set = train_set if role == "train" else sets[role]
                 res = extract_features(image_set.paths, extractor, cache, batch_size=cfg.extractor.batch_size,
@@ -158,7 +217,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 if res.problems:
                     warnings.append(f"{role}: left out {len(res.problems)} unreadable image(s)")
                     image_set.items = [image_set.items[i] for i in res.kept]
-                feats[role] = res.features
+                feats[role], hashes[role] = res.features, res.hashes
                 feature_counts[role] = {"computed": res.computed, "cached": res.cached}
         finally:
             if cache is not None:
@@ -204,12 +263,20 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         mc = cfg.memorization
         pairs_dir = mc.pairs_dir or cfg.out.with_name(f"{cfg.out.stem}_pairs")
+        from synthcxr.evaluate.features import resolve_device
+
+        hold_paths, hold_feats, hold_source = holdout_images(
+            [(r, sets[r].paths, feats[r], hashes[r]) for r in null_roles], set(hashes["train"]))
+        flag_by_features = mc.flag_by_features if mc.flag_by_features is not None else bool(extractor and extractor.pretrained)
         results["memorization"] = memorization_check(
-            feats["fake"], feats["train"], sets["fake"].paths, train_set.paths, ssim_size=mc.ssim_size,
-            ssim_candidates=mc.ssim_candidates, feature_threshold=mc.feature_threshold,
-            ssim_threshold=mc.ssim_threshold, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None,
-            images=images)
+            feats["fake"], feats["train"], sets["fake"].paths, train_set.paths, holdout_feats=hold_feats,
+            holdout_paths=hold_paths, holdout_source=hold_source, search=mc.search(), candidates=mc.candidates,
+            quantile=mc.quantile, feature_threshold=mc.feature_threshold, copy_threshold=mc.copy_threshold,
+            flag_by_features=flag_by_features, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None,
+            images=images, device=resolve_device(cfg.extractor.device))
         results["memorization"]["train_source"] = "train" if cfg.train is not None else "real"
+        if results["memorization"]["calibration"]["null"] != "hold-out":
+            warnings.append(f"memorization thresholds: {results['memorization']['calibration']['note']}")
         if results["memorization"]["n_flagged"]:
             warnings.append(f"memorization: {results['memorization']['n_flagged']} synthetic image(s) are near copies "
                             f"of training images; see {pairs_dir}")

@@ -165,9 +165,11 @@ def _memorization(data: ReportData, thumb: int) -> list[dict[str, Any]]:
                 "train": plots.image_uri(pair["train"], thumb) if pair["train"] and pair["train"].exists() else None,
             })
         mem = run.eval.get("memorization") if isinstance(run.eval.get("memorization"), dict) else None
+                "alignment": _alignment_text(pair.get("alignment")),
         summary = [m for m in run.metric_list() if m.name.startswith("memorization")]
         out.append({"run": run.name, "state": "ok" if (pairs or summary) else ("no memorization check" if mem is None else "no pairs"),
-                    "pairs": pairs, "summary": [(m.name.removeprefix("memorization."), m.format()) for m in summary]})
+                    "pairs": pairs, "summary": [(m.name.removeprefix("memorization."), m.format()) for m in summary],
+                    "not_flagged": (mem or {}).get("not_flagged_means")})
     return out
 
 
@@ -176,6 +178,20 @@ def _study_section(data: ReportData) -> dict[str, Any] | None:
         return None
     per_run = {run.name: study_metrics(data.study, run.name) for run in data.runs}
     real = study_metrics(data.study, "real")
+def _alignment_text(alignment: dict[str, Any] | None) -> str | None:
+    """How the synthetic image was aligned to its training match, e.g. 'mirrored, rotated 2.5°, shifted (3, -2) px'."""
+    if not alignment:
+        return None
+    parts = ["mirrored"] if alignment.get("mirror") else []
+    if alignment.get("rotation_deg"):
+        parts.append(f"rotated {alignment['rotation_deg']:g}°")
+    if alignment.get("scale") not in (None, 1, 1.0):
+        parts.append(f"zoomed ×{alignment['scale']:.2f}")
+    if any(alignment.get("shift_px") or []):
+        parts.append(f"shifted ({', '.join(str(v) for v in alignment['shift_px'])}) px")
+    return ", ".join(parts) or "as is"
+
+
     names: list[str] = []
     for metrics in [*per_run.values(), real]:
         for m in metrics:

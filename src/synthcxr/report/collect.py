@@ -206,7 +206,8 @@ CURATED: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("coverage", ("fidelity", "coverage"), ("value",)),
     ("ms_ssim.synthetic", ("diversity", "synthetic"), ("mean",)),
     ("ms_ssim.real", ("diversity", "real"), ("mean",)),
-    ("memorization.ssim_max", ("memorization", "ssim"), ("max",)),
+    ("memorization.copy_max", ("memorization", "copy_similarity"), ("max",)),
+    ("memorization.ssim_max", ("memorization", "ssim"), ("max",)),  # evaluations before calibrated copy similarity
     ("memorization.cosine_max", ("memorization", "feature_cosine"), ("max",)),
     ("memorization.flagged_fraction", ("memorization", "flagged_fraction"), ()),
     ("utility_auc.real", ("utility", "real"), ("auc",)),
@@ -287,15 +288,17 @@ def extract_memorization(data: dict[str, Any], eval_path: Path | None, limit: in
         if not isinstance(pair, dict):
             continue
         syn = pair.get("synthetic") or pair.get("fake") or pair.get("generated") or pair.get("query")
-        real = (pair.get("nearest_by_ssim") or pair.get("train") or pair.get("real") or pair.get("nearest")
+        real = (pair.get("nearest_by_copy") or pair.get("nearest_by_ssim") or pair.get("train") or pair.get("real") or pair.get("nearest")
                 or pair.get("match"))
-        score = _first(pair, ("ssim", "similarity", "cosine", "feature_cosine", "score", "distance"))
+        score = _first(pair, ("copy_similarity", "ssim", "similarity", "cosine", "feature_cosine", "score", "distance"))
         side = pair.get("side_by_side") or pair.get("image") or pair.get("pair_image")
         resolve = (lambda p: (Path(p) if Path(p).is_absolute() else base / p) if p else None)  # noqa: E731
         out.append({"synthetic": resolve(syn) if isinstance(syn, str) else None,
                     "train": resolve(real) if isinstance(real, str) else None,
                     "side_by_side": resolve(side) if isinstance(side, str) else None,
-                    "score": score, "kind": pair.get("kind") or pair.get("metric") or ("SSIM" if "ssim" in pair else ""),
+                    "score": score, "kind": pair.get("kind") or pair.get("metric") or (
+                        "copy similarity" if "copy_similarity" in pair else "SSIM" if "ssim" in pair else ""),
+                    "alignment": pair.get("alignment") if isinstance(pair.get("alignment"), dict) else None,
                     "cosine": _first(pair, ("feature_cosine",)), "flagged": bool(pair.get("flagged"))})
     return out
 
