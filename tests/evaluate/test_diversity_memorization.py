@@ -103,3 +103,33 @@ def test_calibrated_threshold_is_a_high_quantile_of_the_null():
     assert calibrate(null[:12], 1.0, None, 0.5)["threshold"] == null[:12].max()
     assert calibrate(null, 0.99, 0.9, 0.5) == {**calibrate(null, 0.99, 0.9, 0.5), "threshold": 0.9,
                                                "source": "fixed by the user"}
+
+
+def test_evaluate_calibrates_on_real_images_that_are_not_training_images(tmp_path):
+    """--real holds 4 training images and 12 others: the 12 are the null; a mirrored, shifted copy is flagged."""
+    from synthcxr.evaluate.run import EvaluateConfig, evaluate
+
+    train = make_images(tmp_path / "train", 12, seed=1)
+    real = make_images(tmp_path / "real", 12, seed=3)
+    for path in sorted(train.glob("*.png"))[:4]:
+        shutil.copy(path, real / f"also_{path.name}")
+    fake = make_images(tmp_path / "fake", 6, seed=2)
+    source = sorted(train.glob("*.png"))[7]
+    Image.fromarray(np.roll(np.asarray(Image.open(source))[:, ::-1], (4, -3), axis=(0, 1))).save(fake / "copy.png")
+    res = evaluate(EvaluateConfig(real=real, train=train, fake=fake, out=tmp_path / "eval.json", metrics=["memorization"],
+                                  extractor={"name": "random", "device": "cpu"}, memorization={"top_pairs": 1}))
+    mem = res["memorization"]
+    assert mem["calibration"]["null"] == "hold-out" and mem["calibration"]["n_null"] == 12
+    assert "12 from --real" in mem["calibration"]["note"] and mem["flag_by_features"] is False
+    assert [p["synthetic"] for p in mem["flagged"]] == [str(fake / "copy.png")]
+    assert mem["flagged"][0]["nearest_by_copy"] == str(source) and mem["flagged"][0]["alignment"]["mirror"]
+    assert not any("memorization thresholds" in w for w in res["warnings"])  # calibrated on hold-outs: nothing to warn
+
+
+def test_old_memorization_keys_are_read_under_their_new_names():
+    from synthcxr.evaluate.run import MemorizationConfig
+
+    cfg = MemorizationConfig.model_validate({"ssim_size": 32, "ssim_candidates": 4, "ssim_threshold": 0.9})
+    assert cfg.image_size == 32 and cfg.candidates == 4 and cfg.copy_threshold is None
+    with pytest.raises(ValueError, match="max_shift"):
+        MemorizationConfig(image_size=16, max_shift=8)

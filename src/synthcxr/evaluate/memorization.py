@@ -148,7 +148,7 @@ def _window_sum(x: Any, t: int) -> Any:
     """Sum over every t x t window (stride 1) of K x 1 x S x S, from an integral image (float64)."""
     import torch.nn.functional as F
 
-    c = F.pad(x.double(), (1, 0, 1, 0)).cumsum(2).cumsum(3)
+    c = F.pad(x.float() if x.device.type == "mps" else x.double(), (1, 0, 1, 0)).cumsum(2).cumsum(3)  # mps: no float64
     return c[..., t:, t:] - c[..., :-t, t:] - c[..., t:, :-t] + c[..., :-t, :-t]
 
 
