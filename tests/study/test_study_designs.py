@@ -248,3 +248,42 @@ def test_migration_from_0002_keeps_studies_single(tmp_path):
         assert {i.role for i in s.scalars(select(Image))} == {"study"}
         tasks = list(s.scalars(select(Task)))
         assert len(tasks) == 3 and {t.phase for t in tasks} == {"main"} and all(t.image2_id is None for t in tasks)
+
+
+def test_pairs_match_label_and_sex_where_known(tmp_path):
+    """Real Shenzhen-like set with clinical readings (sex) and a model whose manifest names the sex:
+    every pair shares label and sex while a real image of both is available."""
+    import json
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ChinaSet_AllFiles"
+    (root / "CXR_png").mkdir(parents=True)
+    (root / "ClinicalReadings").mkdir()
+    for i in range(8):  # labels 0/1 alternate, sexes in pairs: every (label, sex) twice
+        stem = f"CHNCXR_{i + 1:04d}_{i % 2}"
+        PILImage.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(root / "CXR_png" / f"{stem}.png")
+        sex = "male" if (i // 2) % 2 == 0 else "female"
+        (root / "ClinicalReadings" / f"{stem}.txt").write_text(f"{sex} 3{i}yrs\n{'normal' if i % 2 == 0 else 'PTB'}\n")
+    model = tmp_path / "gen"
+    model.mkdir()
+    rows = []
+    for i in range(8):
+        PILImage.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(model / f"{i:05d}.png")
+        rows.append({"file": f"{i:05d}.png", "label": "tuberculosis" if i % 2 else "normal",
+                     "sex": "female" if i < 4 else "male"})
+    (model / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    create_study(url, "sx", real=root, models=[model], per_model=4, real_count=8, readers=1, image_size=32,
+                 design="paired", study_dir=tmp_path / "d", seed=1)
+    with session_scope(url) as s:
+        study = s.scalar(select(Study))
+        images = {i.id: i for i in study.images}
+        pairs = study.options["pairs"]
+    assert len(pairs) == 4
+    for p in pairs:
+        real, syn = images[p["real"]], images[p["synthetic"]]
+        assert real.intended_label == syn.intended_label == p["label"]
+        assert p["sex"] in ("male", "female")  # known on both sides and equal

@@ -60,11 +60,12 @@ def block_order(blocks: Sequence[str], reader_index: int) -> list[str]:
 
 def make_pairs(real: Sequence[dict[str, Any]], synthetic: Sequence[dict[str, Any]],
                rng: random.Random) -> list[dict[str, Any]]:
-    """Pair every synthetic image with a real one of the same label where known.
+    """Pair every synthetic image with a real one of the same label and sex where known.
 
-    `real`/`synthetic`: dicts with id, model and label. Within one model each real image is used as
-    evenly as possible (once each while there are enough), preferring the same label, then any.
-    Returns [{"real": id, "synthetic": id, "model": name, "label": label-or-None}].
+    `real`/`synthetic`: dicts with id, model, label and sex. Within one model each real image is
+    used as evenly as possible (once each while there are enough), preferring the same label and
+    sex, then the same label, then any. Returns [{"real": id, "synthetic": id, "model": name,
+    "label": shared label or None, "sex": shared sex or None}].
     """
     if not synthetic:
         return []
@@ -79,14 +80,17 @@ def make_pairs(real: Sequence[dict[str, Any]], synthetic: Sequence[dict[str, Any
         syn = sorted(by_model[model], key=lambda i: i["id"])
         rng.shuffle(syn)
         for img in syn:
-            pool = [r for r in real if img.get("label") and r.get("label") == img["label"]] or list(real)
+            same_label = [r for r in real if img.get("label") and r.get("label") == img["label"]]
+            same_both = [r for r in same_label if img.get("sex") and r.get("sex") == img["sex"]]
+            pool = same_both or same_label or list(real)
             least = min(uses[r["id"]] for r in pool)
             candidates = sorted((r for r in pool if uses[r["id"]] == least), key=lambda r: r["id"])
             partner = rng.choice(candidates)
             uses[partner["id"]] += 1
             matched = bool(img.get("label")) and partner.get("label") == img.get("label")
             pairs.append({"real": partner["id"], "synthetic": img["id"], "model": model,
-                          "label": img.get("label") if matched else None})
+                          "label": img.get("label") if matched else None,
+                          "sex": img.get("sex") if matched and partner.get("sex") == img.get("sex") else None})
     return pairs
 
 

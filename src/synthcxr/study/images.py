@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from synthcxr.data.labels import parse_label
+from synthcxr.data.readings import parse_sex
 from synthcxr.errors import DataError
 from synthcxr.fileio import read_jsonl
 from synthcxr.logging_utils import get_logger
@@ -44,6 +45,8 @@ class SourceImage:
     source: str  # "real" | "synthetic"
     label: str | None = None
     prompt: str | None = None
+    sex: str | None = None
+    """'male' / 'female' where known (manifest column, or a public set's clinical readings); pairs match on it."""
 
 
 def _label_from_name(path: Path) -> str | None:
@@ -65,7 +68,7 @@ def _from_manifest(manifest: Path, group: str, source: str) -> list[SourceImage]
             raise DataError(f"row {i + 1} names {file}, which does not exist", file=manifest,
                             fix="regenerate the images or remove the row")
         label = parse_label(row.get("label"), file=manifest, where=f"row {i + 1}") or _label_from_name(path)
-        images.append(SourceImage(path, group, source, label, row.get("prompt")))
+        images.append(SourceImage(path, group, source, label, row.get("prompt"), parse_sex(row.get("sex"))))
     return images
 
 
@@ -99,11 +102,27 @@ def collect_real(path: Path) -> list[SourceImage]:
         return [SourceImage(path, "real", "real", _label_from_name(path))]
     manifest = path / "manifest.jsonl"
     if manifest.is_file():
-        return [SourceImage(i.path, "real", "real", i.label, None) for i in _from_manifest(manifest, "real", "real")]
+        return [SourceImage(i.path, "real", "real", i.label, None, i.sex) for i in _from_manifest(manifest, "real", "real")]
     files = _image_files(path)
     if not files:
         raise DataError("no images found", file=path, fix=f"the folder needs image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [SourceImage(p, "real", "real", _label_from_name(p)) for p in files]
+    sexes = _sex_from_readings(path)
+    return [SourceImage(p, "real", "real", _label_from_name(p), None, sexes.get(p.resolve())) for p in files]
+
+
+def _sex_from_readings(path: Path) -> dict[Path, str]:
+    """Sex per image from a Montgomery/Shenzhen set's ClinicalReadings (empty when there are none or
+    they cannot be read: sex only refines the pairing of a paired study)."""
+    if not any(path.glob("ClinicalReadings")) and not any(path.glob("*/ClinicalReadings")):
+        return {}
+    from synthcxr.data.readers import scan_paths
+
+    try:
+        result = scan_paths([path], keep_pixels=False)
+    except Exception as exc:  # noqa: BLE001 - optional information; the study works without it
+        log.debug("no sex from clinical readings in %s: %s", path, exc)
+        return {}
+    return {Path(r.image_path).resolve(): r.sex for r in result.records if r.sex}
 
 
 def collect_model(path: Path, group: str) -> list[SourceImage]:

@@ -522,6 +522,7 @@ def create_study(
                          fix="choose another --name or --dir (nothing was overwritten)")
     image_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Image] = []
+    sexes: dict[str, str | None] = {}
     bars: list[float] = []
     feats: dict[str, list[dict[str, float]]] = {}
     try:
@@ -531,6 +532,7 @@ def create_study(
                 image_id = opaque_id()
                 atomic_write_bytes(image_dir / f"{image_id}.png", blinded.data)
                 role = "calibration" if (src.group, str(src.path)) in calib_keys else "study"
+                sexes[image_id] = src.sex
                 rows.append(Image(id=image_id, source=src.source, model=src.group, intended_label=src.label,
                                   original_path=str(src.path), prompt=src.prompt, sha256=sha256_bytes(blinded.data),
                                   role=role))
@@ -558,7 +560,7 @@ def create_study(
             study = Study(name=name, seed=seed, image_dir=str(image_dir), image_size=image_size,
                           questions=q.model_dump(mode="json"), repeats=repeats, order_key=new_order_key(),
                           blinding=blinding, design=design,
-                          options=_design_options(rows, design, calibration, counterbalance, seed))
+                          options=_design_options(rows, design, calibration, counterbalance, seed, sexes))
             session.add(study)
             session.flush()
             for row in rows:
@@ -615,13 +617,14 @@ def _sample_calibration(pools: dict[str, tuple[list[SourceImage], Path]], chosen
 
 
 def _design_options(rows: Sequence[Image], design: str, calibration: int, counterbalance: bool,
-                    seed: int) -> dict[str, Any]:
+                    seed: int, sexes: dict[str, str | None]) -> dict[str, Any]:
     """What the design needs later (stored with the study, never shown to readers): the pairs of a
     paired study are fixed here, so every reader reads the same cases (what MRMC analysis needs)."""
     options: dict[str, Any] = {"calibration": calibration, "counterbalance": counterbalance}
     if design == "paired":
         for role, key in (("study", "pairs"), ("calibration", "calibration_pairs")):
-            info = [{"id": r.id, "model": r.model, "label": r.intended_label} for r in rows if r.role == role]
+            info = [{"id": r.id, "model": r.model, "label": r.intended_label, "sex": sexes.get(r.id)}
+                    for r in rows if r.role == role]
             options[key] = make_pairs([i for i in info if i["model"] == REAL_GROUP],
                                       [i for i in info if i["model"] != REAL_GROUP], random.Random(f"pairs:{seed}"))
     return options
