@@ -61,3 +61,27 @@ def test_database_comes_from_the_environment(tmp_path, sources, capsys, monkeypa
     with pytest.raises(SystemExit):
         main(["study", "status"])
     assert "unsupported database" in capsys.readouterr().err
+
+
+def test_paired_calibration_mrmc_export_and_delta(tmp_path, sources, capsys, monkeypatch):
+    monkeypatch.delenv("SYNTHCXR_STUDY_SECRET", raising=False)
+    db = f"sqlite:///{tmp_path / 'p.sqlite3'}"
+    out = run_cli(["study", "create", "--name", "p", "--real", str(sources["real"]), "--model", str(sources["model_b"]),
+                   "--per-model", "3", "--real-count", "3", "--readers", "2", "--design", "paired",
+                   "--calibration", "1", "--counterbalance", "--image-size", "32", "--dir", str(tmp_path / "sd"),
+                   "--db", db], capsys)
+    assert "4 pairs per reader (1 for calibration)" in out
+    run_cli(["study", "simulate", "p", "--db", db], capsys)
+    run_cli(["study", "export", "p", "--mrmc", "--out", str(tmp_path / "m.csv"), "--db", db], capsys)
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0] == "reader,case,modality,truth,rating" and len(lines) == 1 + 2 * 3
+    out = run_cli(["study", "analyze", "p", "--out", str(tmp_path / "an"), "--n-boot", "50", "--delta", "0.1",
+                   "--db", db], capsys)
+    assert "MRMC AUC" in out and "within 0.5 +- 0.1" in out and (tmp_path / "an" / "mrmc.csv").is_file()
+    with pytest.raises(SystemExit):
+        main(["study", "analyze", "p", "--out", str(tmp_path / "an2"), "--delta", "0.7", "--db", db])
+    assert "--delta 0.7 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["study", "create", "--name", "q", "--model", str(sources["model_b"]), "--design", "pair",
+              "--db", db, "--dir", str(tmp_path / "sd")])
+    assert "did you mean 'paired'" in capsys.readouterr().err
