@@ -78,6 +78,11 @@ def test_memorization_finds_a_planted_copy(tmp_path):
     assert cal["null"] == "leave-one-out" and cal["n_null"] == 12 and "no real hold-out" in cal["note"]
     assert copy["null_n"] == 12 and copy["null_above"] == 0 and "quantile" in copy["source"]
     assert f"<= {copy['threshold']:.4f}" in res["not_flagged_means"] and "horizontal mirror" in res["not_flagged_means"]
+    # a capped null is a random subset, and never an image matched with itself
+    capped = memorization_check(extract_features(fake_paths, ext).features, extract_features(train_paths, ext).features,
+                                fake_paths, train_paths, candidates=5, top_pairs=0, null_images=10)
+    assert capped["calibration"]["n_null"] == 10 and "a random 10 of them" in capped["calibration"]["note"]
+    assert capped["thresholds"]["copy_similarity"]["null"]["max"] < 0.99
 
 
 def test_memorization_thresholds_fall_back_without_a_null(tmp_path):

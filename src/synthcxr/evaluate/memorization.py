@@ -299,27 +299,36 @@ class Nearest:
 
 
 def nearest_training(q_feats: np.ndarray, q_px: np.ndarray, t_feats: np.ndarray, t_px: np.ndarray, search: CopySearch,
-                     candidates: int, *, leave_one_out: bool = False, device: str = "cpu",
-                     description: str | None = None) -> Nearest:
-    """Both nearest neighbours for each query. `leave_one_out`: the queries are the training images
-    themselves, and each is compared with the others only."""
+                     candidates: int, *, exclude: np.ndarray | None = None, device: str = "cpu",
+                     description: str | None = None, block: int = 512) -> Nearest:
+    """Both nearest neighbours for each query. `exclude`: per query, a training index it may not match
+    (itself, for the leave-one-out null). Candidates are chosen `block` queries at a time, so memory
+    stays at block x N_train."""
     n_train = len(t_feats)
     # centred on the training mean: every chest X-ray shares a large common feature component that
     # would otherwise make all pairs look alike (raw cosines of non-negative pooled features are ~0.9)
     center = np.asarray(t_feats, np.float64).mean(axis=0) if n_train > 1 else None
-    cos = cosine_matrix(q_feats, t_feats, center)
-    thumb = thumbnail_similarity(q_px, t_px)
-    if leave_one_out:
-        np.fill_diagonal(cos, -np.inf)
-        np.fill_diagonal(thumb, -np.inf)
-    pool = n_train - 1 if leave_one_out else n_train
+    pool = n_train - (1 if exclude is not None else 0)
     k = pool if candidates <= 0 else min(candidates, pool)
-    cand = np.concatenate([np.argsort(-cos, axis=1)[:, :k], np.argsort(-thumb, axis=1)[:, :k]], axis=1)
-    feat_nn = cos.argmax(axis=1)
+    feat_nn = np.zeros(len(q_feats), np.int64)
+    feat_sim = np.zeros(len(q_feats))
+    cand = np.zeros((len(q_feats), 2 * k), np.int64)
+    for start in range(0, len(q_feats), block):
+        stop = min(start + block, len(q_feats))
+        cos = cosine_matrix(q_feats[start:stop], t_feats, center)
+        thumb = thumbnail_similarity(q_px[start:stop], t_px)
+        if exclude is not None:
+            rows = np.arange(stop - start)
+            cos[rows, exclude[start:stop]] = -np.inf
+            thumb[rows, exclude[start:stop]] = -np.inf
+        feat_nn[start:stop] = cos.argmax(axis=1)
+        feat_sim[start:stop] = cos[np.arange(stop - start), feat_nn[start:stop]]
+        for j, sim in enumerate((cos, thumb)):  # the k most similar, in any order
+            cand[start:stop, j * k:(j + 1) * k] = np.argpartition(-sim, k - 1, axis=1)[:, :k]
     sims, warps, shifts = copy_similarity(q_px, t_px, cand, search, device=device, description=description)
     best = np.nanargmax(sims, axis=1)
     rows = np.arange(len(cand))
-    return Nearest(feat_nn, cos[rows, feat_nn], cand[rows, best], sims[rows, best], warps[rows, best], shifts[rows, best])
+    return Nearest(feat_nn, feat_sim, cand[rows, best], sims[rows, best], warps[rows, best], shifts[rows, best])
 
 
 def holdout_images(sets: list[tuple[str, list[Path], np.ndarray, list[str]]],
@@ -375,13 +384,15 @@ def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_pat
                        *, holdout_feats: np.ndarray | None = None, holdout_paths: list[Path] | None = None,
                        holdout_source: str = "hold-out", search: CopySearch | None = None, candidates: int = 10,
                        quantile: float = 0.99, feature_threshold: float | None = None,
-                       copy_threshold: float | None = None, flag_by_features: bool = True, top_pairs: int = 8, pairs_dir: Path | None = None,
+                       copy_threshold: float | None = None, flag_by_features: bool = True, null_images: int = 1000,
+                       top_pairs: int = 8, pairs_dir: Path | None = None,
                        images: DecodedImageCache | None = None, device: str = "cpu") -> dict[str, Any]:
     """Nearest training image per synthetic image by features and by copy similarity; calibrated flags.
 
     The null comes from `holdout_*` (real images not in the training set) when given, else from the
     training set leave-one-out. `flag_by_features`: False for random-weight extractors, whose cosines
-    are reported but flag nothing (they mostly measure noise). `images` is the run's decoded-image cache.
+    are reported but flag nothing (they mostly measure noise). At most `null_images` (a seeded random
+    subset) form the null. `images` is the run's decoded-image cache.
     """
     if len(fake_feats) == 0 or len(train_feats) == 0:
         raise EvaluationError("memorization needs at least one synthetic and one training image")
@@ -389,23 +400,30 @@ def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_pat
     # 1. the null: real images that are not copies, against the training set
     train_px = load_gray_stack(train_paths, search.size, images)
     n_hold = len(holdout_paths or [])
+    rng = np.random.default_rng(0)
     null: Nearest | None = None
     if n_hold >= MIN_NULL:
+        use = np.sort(rng.choice(n_hold, null_images, replace=False)) if n_hold > null_images else np.arange(n_hold)
         null_kind, null_note = "hold-out", f"{n_hold} real images not in the training set ({holdout_source})"
-        null = nearest_training(np.asarray(holdout_feats), load_gray_stack(list(holdout_paths or []), search.size, images),
+        hold_paths = [list(holdout_paths or [])[i] for i in use]
+        null = nearest_training(np.asarray(holdout_feats)[use], load_gray_stack(hold_paths, search.size, images),
                                 train_feats, train_px, search, candidates, device=device,
                                 description="memorization null (hold-outs)")
     elif len(train_paths) > MIN_NULL:
+        n_train = len(train_paths)
+        use = np.sort(rng.choice(n_train, null_images, replace=False)) if n_train > null_images else np.arange(n_train)
         null_kind = "leave-one-out"
         null_note = ((f"only {n_hold} real hold-out image(s) (fewer than {MIN_NULL})" if n_hold else "no real hold-out images")
                      + ": leave-one-out, each training image against the other training images. This assumes one image "
                      "per patient; repeat images of a patient raise the thresholds (fewer flags)")
-        null = nearest_training(train_feats, train_px, train_feats, train_px, search, candidates, leave_one_out=True,
-                                device=device, description="memorization null (leave-one-out)")
+        null = nearest_training(np.asarray(train_feats)[use], train_px[use], train_feats, train_px, search, candidates,
+                                exclude=use, device=device, description="memorization null (leave-one-out)")
     else:
         null_kind = "none"
         null_note = (f"{n_hold} hold-out and {len(train_paths)} training image(s): too few to calibrate on (at least "
                      f"{MIN_NULL} hold-outs, or {MIN_NULL + 1} training images, are needed); fixed fallback thresholds")
+    if null is not None and len(null.copy_sim) < (n_hold if null_kind == "hold-out" else len(train_paths)):
+        null_note += f" (a random {len(null.copy_sim)} of them)"
     thresholds = {
         "copy_similarity": calibrate(null.copy_sim if null else None, quantile, copy_threshold,
                                      FALLBACK_THRESHOLDS["copy_similarity"]),

@@ -77,6 +77,8 @@ class MemorizationConfig(StrictModel):
     holdout: Path | None = None
     """Real images not used in training, for the null. Default: the --real and --test images whose content
     is not in the training set; with fewer than 10 of them, leave-one-out within the training set."""
+    null_images: int = Field(1000, ge=10)
+    """At most this many null images (a seeded random subset): plenty for a 0.99 quantile, bounded cost."""
     copy_threshold: float | None = None
     """A fixed copy-similarity threshold instead of the calibrated one."""
     feature_threshold: float | None = None
@@ -272,7 +274,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             feats["fake"], feats["train"], sets["fake"].paths, train_set.paths, holdout_feats=hold_feats,
             holdout_paths=hold_paths, holdout_source=hold_source, search=mc.search(), candidates=mc.candidates,
             quantile=mc.quantile, feature_threshold=mc.feature_threshold, copy_threshold=mc.copy_threshold,
-            flag_by_features=flag_by_features, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None,
+            flag_by_features=flag_by_features, null_images=mc.null_images, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None,
             images=images, device=resolve_device(cfg.extractor.device))
         results["memorization"]["train_source"] = "train" if cfg.train is not None else "real"
         if results["memorization"]["calibration"]["null"] != "hold-out":
