@@ -20,6 +20,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family_model(tmp_path_factory):
+    """family name -> a tiny random pipeline folder of that family (32 px; built once per session)."""
+    from synthcxr.models.families import get_family
+
+    built: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"tiny_{family}") / "model"
+            built[family] = get_family(family).write_tiny(out, resolution=32, seed=0)
+        return built[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def shared_shenzhen() -> Path:
     """The real 16-image Shenzhen sample when present; skipped on a fresh clone without it."""
     root = SHARED_DATA / "ChinaSet_AllFiles"

@@ -14,6 +14,7 @@ from synthcxr.errors import ConfigError, ModelError, ProblemsError
 from synthcxr.fileio import read_jsonl, sha256_file
 from synthcxr.generate.sample import CONFIG_FILE, MANIFEST, GenerateConfig, generate_images
 from synthcxr.generate.schedulers import SCHEDULERS
+from synthcxr.models.families import FAMILIES
 
 
 @pytest.fixture(autouse=True)
@@ -244,7 +245,7 @@ def test_prompts_csv_reports_every_bad_row(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("name", FAMILIES["sd"].schedulers)  # flow samplers: tests/models/test_families.py
 def test_every_scheduler_runs(tiny_model_dir, tiny_pipe, tmp_path, name):
     import diffusers
 

@@ -50,11 +50,13 @@ class GenerateConfig(StrictModel):
     seed: int = 0
     """Image i uses seed + i."""
     batch_size: int = Field(4, ge=1)
-    steps: int = Field(30, ge=1)
-    guidance: float = Field(7.5, ge=0)
-    """Classifier-free guidance scale (<= 1 turns guidance off)."""
-    scheduler: str = "dpmsolver++"
-    """ddim, dpmsolver++, euler, euler_a, pndm or unipc."""
+    steps: int | None = Field(None, ge=1)
+    """Denoising steps; default: the model family's (SD 30, SDXL 30, SD3 40)."""
+    guidance: float | None = Field(None, ge=0)
+    """Classifier-free guidance scale (<= 1 turns guidance off); default: the family's (SD 7.5, SDXL 5, SD3 4.5)."""
+    scheduler: str | None = None
+    """ddim, dpmsolver++, euler, euler_a, pndm, unipc (epsilon/v families) or flow_euler (flow-matching
+    families); default: the family's (SD dpmsolver++, SDXL euler, SD3 flow_euler)."""
     resolution: int | None = Field(None, ge=8)
     """Square image size in pixels; default: the model's native size."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -83,8 +85,8 @@ class GenerateConfig(StrictModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        return check_scheduler_name(value)
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        return None if value is None else check_scheduler_name(value)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> GenerateConfig:
@@ -124,6 +126,18 @@ def model_id(model: str) -> str:
     """The model as recorded in manifests: an absolute path for local models, else the hub id."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
+
+
+def with_family_defaults(cfg: GenerateConfig, family: Any) -> GenerateConfig:
+    """Fill unset sampling settings from the family; refuse a sampler or resolution the family cannot use."""
+    defaults = family.sample
+    update = {k: v for k, v in (("steps", defaults.steps), ("guidance", defaults.guidance),
+                                ("scheduler", defaults.scheduler)) if getattr(cfg, k) is None}
+    cfg = cfg.model_copy(update=update)
+    if cfg.scheduler not in family.schedulers:
+        raise ConfigError(f"scheduler {cfg.scheduler!r} does not fit {family.label} ({family.objective} objective)",
+                          fix=f"use one of: {', '.join(family.schedulers)}")
+    return cfg
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -169,26 +183,34 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
     from synthcxr.generate.manifest import ManifestState, plan_rows
     from synthcxr.generate.schedulers import make_scheduler
     from synthcxr.logging_utils import progress_bar
+    from synthcxr.models.families import family_of
     from synthcxr.models.load import load_pipeline
 
     on_gpu = device.startswith("cuda")
-    # 2. load the model (unless given) and set the sampler
+    # 2. load the model (unless given), fill the family's sampling defaults and set the sampler
     if pipe is None:
         pipe = load_pipeline(cfg.model, torch_dtype=dtype, device=device, prediction_type=cfg.prediction_type,
                              single_file_config=cfg.single_file_config)
+    family = family_of(pipe)
+    cfg = with_family_defaults(cfg, family)
     # build every sampler from the model's own scheduler config, not from a sampler set by an earlier call
     base_scheduler = getattr(pipe, "_synthcxr_model_scheduler", None) or pipe.scheduler.config
     pipe._synthcxr_model_scheduler = base_scheduler
     pipe.scheduler = make_scheduler(cfg.scheduler, base_scheduler)
     if cfg.prediction_type is not None:
         pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = cfg.resolution or family.native_resolution(pipe)
+    multiple = family.resolution_multiple(pipe.vae, getattr(pipe, family.denoiser))
+    if resolution % multiple:
+        raise ConfigError(f"resolution {resolution} is not a multiple of {multiple} ({family.label}: VAE factor x patch size)",
+                          fix=f"use a multiple of {multiple}, e.g. {max(multiple, resolution // multiple * multiple)}")
+
 
     # 3. what is already done in `out`, and is it from the same settings?
     model_name = model_id(cfg.model)
     rows = plan_rows(jobs, model=model_name, scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance,
                      resolution=resolution, dtype=_dtype_name(dtype), suffix=exporter.suffix,
-                     prediction_type=pipe.scheduler.config.prediction_type)
+                     prediction_type=pipe.scheduler.config.get("prediction_type", family.objective))
     state = ManifestState.open(out, rows)
     pending = [job for job in jobs if job.index not in state.done]
     save_config(cfg, out / CONFIG_FILE)
@@ -197,16 +219,16 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
         return out
 
     # 4. speed options: on by default on CUDA only (they cost time or do nothing on a CPU)
-    _apply_speed_options(pipe, cfg, on_gpu)
+    _apply_speed_options(pipe, cfg, on_gpu, getattr(pipe, family.denoiser))
     decode_batch = cfg.decode_batch_size or (min(cfg.batch_size, 8) if on_gpu else cfg.batch_size)
     do_cfg = cfg.guidance > 1
-    embeds: dict[tuple[str, str], tuple[Any, Any]] = {}
+    embeds: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def encode(prompt: str, negative: str) -> tuple[Any, Any]:
-        """Prompt embeddings, computed once per distinct prompt (the text encoder is not re-run per batch)."""
+    def encode(prompt: str, negative: str) -> dict[str, Any]:
+        """Prompt embeddings, computed once per distinct prompt (the text encoders are not re-run per batch)."""
         key = (prompt, negative)
         if key not in embeds:
-            embeds[key] = pipe.encode_prompt(prompt, device, 1, do_cfg, negative or None)
+            embeds[key] = family.prompt_kwargs(pipe, prompt, negative, device, do_cfg)
         return embeds[key]
 
     series_key = state.series_key
@@ -216,11 +238,9 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
             torch.inference_mode():
         for batch, todo in _aligned_batches(jobs, pending, cfg.batch_size):
             # 5. denoise: one CPU generator per image, so image i's noise depends on seed + i only
-            pairs = [encode(job.prompt, job.negative_prompt) for job in batch]
             generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
             latents = pipe(
-                prompt_embeds=torch.cat([p[0] for p in pairs]),
-                negative_prompt_embeds=torch.cat([p[1] for p in pairs]) if do_cfg else None,
+                **_stack([encode(job.prompt, job.negative_prompt) for job in batch]),
                 num_inference_steps=cfg.steps,
                 guidance_scale=cfg.guidance,
                 height=resolution,
@@ -230,7 +250,7 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
                 return_dict=False,
             )[0]
             # 6. decode in chunks (bounds VAE memory at high resolution) and write each image
-            images = _decode(pipe, latents, decode_batch)
+            images = _decode(pipe, family, latents, decode_batch)
             for job, image in zip(batch, images, strict=True):
                 if job.index not in todo:
                     continue  # finished before an interruption; recomputed only to keep batches aligned
@@ -246,8 +266,18 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
     return out
 
 
-def _apply_speed_options(pipe: Any, cfg: GenerateConfig, on_gpu: bool) -> None:
-    """Fused QKV projections, channels-last layout, compiled UNet; each applied once per pipeline."""
+def _stack(kwargs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-prompt pipeline arguments -> one batch: tensors concatenated, None and plain values kept."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, first in kwargs[0].items():
+        out[key] = torch.cat([k[key] for k in kwargs]) if isinstance(first, torch.Tensor) else first
+    return out
+
+
+def _apply_speed_options(pipe: Any, cfg: GenerateConfig, on_gpu: bool, denoiser: Any) -> None:
+    """Fused QKV projections, channels-last layout, compiled denoiser; each applied once per pipeline."""
     import torch
 
     done: set[str] = getattr(pipe, "_synthcxr_speed", set())
@@ -260,11 +290,11 @@ def _apply_speed_options(pipe: Any, cfg: GenerateConfig, on_gpu: bool) -> None:
         except (AttributeError, ValueError) as exc:  # attention processors that cannot be fused
             log.warning("fused QKV projections not available for this model: %s", exc)
     if "channels_last" in wanted - done:
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if "compile" in wanted - done:
-        log.info("compiling the UNet (the first batch is slow, the next ones faster)")
-        pipe.unet.compile()
+        log.info("compiling the denoiser (the first batch is slow, the next ones faster)")
+        denoiser.compile()
     done |= wanted
 
 
@@ -285,15 +315,13 @@ def _aligned_batches(jobs: list[Any], pending: list[Any], batch_size: int) -> li
     return batches
 
 
-def _decode(pipe: Any, latents: Any, chunk: int) -> list[Any]:
+def _decode(pipe: Any, family: Any, latents: Any, chunk: int) -> list[Any]:
     """Latents -> PIL images, `chunk` latents per VAE call."""
     import torch
 
-    vae = pipe.vae
     images = []
     for i in range(0, latents.shape[0], chunk):
-        part = latents[i:i + chunk].to(vae.dtype) / vae.config.scaling_factor
-        images.append(vae.decode(part, return_dict=False)[0])
+        images.append(family.decode(pipe.vae, latents[i:i + chunk]))
     decoded = torch.cat(images)
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 

@@ -2,6 +2,7 @@
 
 Schedulers are built with `from_config(model_scheduler.config)`, so the model's noise schedule and
 its prediction type (epsilon or v-prediction for SD 2.x 768 models) carry over to every sampler.
+`flow_euler` is for flow-matching families (SD3); each family lists the samplers that fit it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler"),
     "pndm": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
     "unipc": SchedulerSpec("UniPCMultistepScheduler"),
+    "flow_euler": SchedulerSpec("FlowMatchEulerDiscreteScheduler"),
 }
 
 

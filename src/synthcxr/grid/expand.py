@@ -7,6 +7,8 @@ name: tb-study
 base: lora_adamw.yaml          # a train config (path relative to this file, or a mapping)
 set: {train.max_steps: 800}    # optional overrides applied to the base for every run
 axes:
+  model:                       # model.path; a label -> per-model overrides (or a list of paths)
+    sdxl: {model.path: /models/sdxl, data.resolution: 1024}
   method: [dreambooth, lora]   # short name for method.name
   optimizer:                   # value -> override block applied on top for that value
     adamw: {optimizer.lr: 1.0e-4}
@@ -42,6 +44,7 @@ from synthcxr.errors import ConfigError, did_you_mean
 from synthcxr.fileio import hash_strings
 
 AXIS_ALIASES: dict[str, str] = {
+    "model": "model.path",
     "method": "method.name",
     "optimizer": "optimizer.name",
     "lr": "optimizer.lr",
@@ -247,7 +250,8 @@ def _axis_path(axis: str, schema: type[BaseModel] | None, source: str) -> str:
 def _value_label(axis: str, value: Any) -> str:
     """Readable name part: strings as they are (`lora`), numbers with the axis name (`lr0.0001`)."""
     if isinstance(value, str):
-        text = value
+        # a model path is named by its last folder (`/models/sd35-medium` -> `sd35-medium`)
+        text = Path(value.rstrip("/")).name or value if AXIS_ALIASES.get(axis, axis) == "model.path" else value
     else:
         short = axis.split(".")[-1]
         text = f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}"

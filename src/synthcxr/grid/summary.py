@@ -81,14 +81,17 @@ def summary_table(data: ReportData) -> tuple[list[str], list[dict[str, Any]], di
         per_run.append((run, metrics, study))
     for run, metrics, study in per_run:
         row: dict[str, Any] = {"run": run.name, "status": run.status or ("done" if run.eval else "incomplete"),
-                               "method": run.method, "optimizer": run.optimizer}
+                               "family": run.family, "method": run.method, "optimizer": run.optimizer}
         by_name = {m.name: m for m in [*metrics, *study]}
         for name in [*metric_names, *study_names]:
             row[name] = by_name.get(name)
         row.update(_train_columns(run))
         row["error"] = (run.error or "").splitlines()[0] if run.error else ""
         rows.append(row)
-    columns = ["run", "status", "method", "optimizer", *metric_names, "val_loss", "train_time_s", "images_per_s",
+    if any(row["family"] for row in rows):  # one table comparing families: runs of a family side by side
+        rows.sort(key=lambda row: row["family"] or "")
+    columns = ["run", "status", *(["family"] if any(row["family"] for row in rows) else []), "method", "optimizer",
+               *metric_names, "val_loss", "train_time_s", "images_per_s",
                "peak_memory_mb", "trainable_params", *study_names, "error"]
     return columns, rows, {"eval": metric_names, "study": study_names}
 

@@ -1,5 +1,5 @@
-"""Load a Stable Diffusion model from a local diffusers folder, a single checkpoint file, a hub id,
-or a synthcxr training run (base model + LoRA, or a fine-tuned pipeline).
+"""Load a model of any supported family (models/families) from a local diffusers folder, a single
+checkpoint file, a hub id, or a synthcxr training run (base model + LoRA, or a fine-tuned pipeline).
 
 Hub ids are resolved from the local Hugging Face cache first; without a cached copy and without
 network we fail at once (no long retries) and say to pass a local path.
@@ -24,7 +24,7 @@ from synthcxr.logging_utils import get_logger
 log = get_logger(__name__)
 
 RUN_MODEL_FILE = "synthcxr_model.json"
-"""Written by training into a run directory: {"base_model": ..., "pipeline": rel|None, "lora": rel|None}."""
+"""Written by training into a run directory: {"base_model": ..., "pipeline": rel|None, "lora": rel|None, "family": name}."""
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -39,6 +39,8 @@ class ModelSource:
     location: str
     base_model: str | None = None
     lora: Path | None = None
+    family: str | None = None
+    """A run's model family as training recorded it (None: detect from the model)."""
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -69,12 +71,12 @@ def resolve_source(model: str | os.PathLike) -> ModelSource:
             lora_rel = info.get("lora")
             if pipeline_rel:
                 return ModelSource("run", str(path / pipeline_rel), base_model=info.get("base_model"),
-                                   lora=path / lora_rel if lora_rel else None)
+                                   lora=path / lora_rel if lora_rel else None, family=info.get("family"))
             if not info.get("base_model"):
                 raise ModelError("run has neither a pipeline nor a base model", file=run_file,
                                  fix="finish or re-run training for this run")
             return ModelSource("run", str(info["base_model"]), base_model=info["base_model"],
-                               lora=path / lora_rel if lora_rel else None)
+                               lora=path / lora_rel if lora_rel else None, family=info.get("family"))
         if (path / "model_index.json").is_file():
             return ModelSource("folder", str(path))
         if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
@@ -121,40 +123,48 @@ def load_pipeline(
     single_file_config: str | os.PathLike | None = None,
     load_lora: bool = True,
     fuse_lora: bool = True,
+    family: str | None = None,
 ):
-    """Return a `StableDiffusionPipeline` (SD 1.x/2.x, epsilon or v-prediction), safety checker off.
+    """Return the model's diffusers pipeline (the class its family names; SD safety checker off).
 
-    `prediction_type` overrides the scheduler's (SD 2.x 768 models use "v_prediction").
+    `family` overrides the family detected from model_index.json (or the single file's tensors).
+    `prediction_type` overrides the scheduler's (SD 2.x 768 models use "v_prediction"; epsilon/v families only).
     `single_file_config` is a local diffusers folder giving the architecture of a single-file
     checkpoint, needed offline (diffusers otherwise fetches the config from the hub).
     A run's LoRA is loaded (`load_lora`) and merged into the weights (`fuse_lora`) for fast sampling;
     pass `fuse_lora=False` to keep it as a switchable adapter.
     """
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from synthcxr.models.families import family_for
 
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ModelError(f"unknown prediction_type {prediction_type!r}", fix="use epsilon or v_prediction")
     _quiet_loading()
     source = resolve_source(model)
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    fam = family_for(source.location, family or source.family, single_file_config)
+    if prediction_type is not None and fam.objective != "ddpm":
+        raise ModelError(f"prediction_type {prediction_type!r} does not apply to {fam.label} (trained with flow matching)",
+                         fix="leave prediction_type unset for this model")
+    pipeline_cls = fam.pipeline_cls()
+    kwargs: dict[str, Any] = dict(fam.pipeline_options)
     if torch_dtype is not None:
         kwargs[_dtype_kwarg()] = torch_dtype
     # a run points at its own pipeline folder or at its base model, which is itself a folder, file or hub id
     kind = resolve_source(source.location).kind if source.kind == "run" else source.kind
     try:
         if kind == "file":
-            pipe = _load_single_file(StableDiffusionPipeline, source.location, single_file_config, kwargs)
+            pipe = _load_single_file(pipeline_cls, source.location, single_file_config, kwargs)
         elif kind == "hub":
             repo_id, local_only = _hub_local_or_fail(source.location)
-            pipe = StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=local_only, **kwargs)
+            pipe = pipeline_cls.from_pretrained(repo_id, local_files_only=local_only, **kwargs)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **kwargs)
+            pipe = pipeline_cls.from_pretrained(source.location, local_files_only=True, **kwargs)
     except ModelError:
         raise
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the model: {exc}", file=source.location,
-                         fix="check that the folder/file is a complete Stable Diffusion 1.x/2.x model") from exc
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"could not load the model as {fam.label}: {exc}", file=source.location,
+                         fix=f"check that the folder/file is a complete {fam.label} model (or set model.family)") from exc
     if source.lora is not None and load_lora:
         if not source.lora.exists():
             raise ModelError("LoRA weights listed by the run are missing", file=source.lora,
@@ -174,7 +184,7 @@ def load_pipeline(
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if torch_dtype is None and pipe.unet.dtype != torch.float32 and (device or "cpu") == "cpu":
+    if torch_dtype is None and getattr(pipe, fam.denoiser).dtype != torch.float32 and (device or "cpu") == "cpu":
         pipe.to(torch.float32)
     return pipe
 
@@ -250,7 +260,7 @@ def _unet_only_lora_quiet(lora_file: Path) -> Iterator[None]:
 
 
 def _only_unet_keys(lora_file: Path) -> bool:
-    """True when a .safetensors LoRA file has only `unet.*` keys (read from its header, no tensors)."""
+    """True when a .safetensors LoRA file has only denoiser (`unet.*`/`transformer.*`) keys (read from its header)."""
     if lora_file.suffix != ".safetensors":
         return False
     from safetensors import safe_open
@@ -260,7 +270,7 @@ def _only_unet_keys(lora_file: Path) -> bool:
             keys = list(handle.keys())
     except Exception:  # not readable here: let diffusers load it and report any problem itself
         return False
-    return bool(keys) and all(key.startswith("unet.") for key in keys)
+    return bool(keys) and all(key.startswith(("unet.", "transformer.")) for key in keys)
 
 
 def _load_single_file(pipeline_cls, path: str, config: str | os.PathLike | None, kwargs: dict[str, Any]):

@@ -118,6 +118,9 @@ def _config_table(data: ReportData) -> tuple[list[str], list[dict[str, Any]]]:
     from synthcxr.grid.expand import AXIS_ALIASES
 
     keys = [k for k in keys if not (k in AXIS_ALIASES.values() and any(AXIS_ALIASES.get(a) == k for a in keys))]
+    families = [k for k in ("family", "model_params", "resolution")
+                if any(r.train_summary.get(k) is not None for r in data.runs) and k not in keys]
+    keys = families + keys  # model family, its size and the training resolution first
     rows = []
     for run in data.runs:
         values = {**run.overrides, **run.axes}
@@ -125,6 +128,8 @@ def _config_table(data: ReportData) -> tuple[list[str], list[dict[str, Any]]]:
         for k in keys:
             if run.baseline:
                 shown.append("baseline" if k in AXIS_ALIASES else "–")
+            elif k in families:
+                shown.append(run.family if k == "family" else run.train_summary.get(k))
             elif k in values:
                 shown.append(values[k])
             else:  # not changed by the grid: the value the run actually used

@@ -123,6 +123,12 @@ class RunData:
     def optimizer(self) -> str | None:
         return ((self.config or {}).get("optimizer") or {}).get("name") if self.config else None
 
+    @property
+    def family(self) -> str | None:
+        """The model family training recorded (e.g. "Stable Diffusion XL"), or the config's model.family."""
+        label = self.train_summary.get("family_label") or self.train_summary.get("family")
+        return label or (((self.config or {}).get("model") or {}).get("family") if self.config else None)
+
 
 @dataclass
 class ReportData:

@@ -22,7 +22,7 @@ from synthcxr.logging_utils import get_logger, progress_bar
 
 log = get_logger(__name__)
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: text entries are the family's named conditioning tensors
 
 
 def module_fingerprint(module: Any) -> str:
@@ -53,13 +53,14 @@ def source_fingerprint(source: Any) -> str:
     return sha256_file(path)
 
 
-def sample_latents(params: Any, eps: Any, scaling_factor: float) -> Any:
-    """A latent sample from the VAE's diagonal Gaussian (diffusers' formula), scaled for the UNet."""
+def sample_latents(params: Any, eps: Any, shift: float, scaling_factor: float) -> Any:
+    """A latent sample from the VAE's diagonal Gaussian (diffusers' formula), shifted and scaled for the denoiser."""
     import torch
 
     mean, logvar = torch.chunk(params, 2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-    return (mean + std * eps) * scaling_factor
+    sample = mean + std * eps
+    return (sample - shift) * scaling_factor if shift else sample * scaling_factor
 
 
 class LatentCache:
@@ -122,19 +123,21 @@ def build_latent_cache(kind: str, cache_dir: Path | None, sources: list[Any], lo
 
 
 class TextCache:
-    """Text-encoder output per prompt (only when the text encoder does not train)."""
+    """The family's conditioning tensors per prompt (only when no text encoder trains)."""
 
-    def __init__(self, embeddings: dict[str, Any]):
+    def __init__(self, embeddings: dict[str, dict[str, Any]]):
         self.embeddings = embeddings
 
-    def get(self, prompts: Sequence[str]) -> Any:
+    def get(self, prompts: Sequence[str]) -> dict[str, Any]:
         import torch
 
-        return torch.stack([self.embeddings[p] for p in prompts])
+        first = self.embeddings[prompts[0]]
+        return {key: torch.stack([self.embeddings[p][key] for p in prompts]) for key in first}
 
 
-def build_text_cache(kind: str, cache_dir: Path | None, prompts: list[str], encode: Callable[[list[str]], Any], *,
-                     text_fingerprint: str, device: Any) -> TextCache:
+def build_text_cache(kind: str, cache_dir: Path | None, prompts: list[str],
+                     encode: Callable[[list[str]], dict[str, Any]], *, text_fingerprint: str, device: Any) -> TextCache:
+    """Encode every distinct prompt once; `encode(prompts) -> {name: tensor with one row per prompt}`."""
     unique = sorted(set(prompts))
     key = hash_strings(["text", CACHE_VERSION, text_fingerprint, *unique])
     path = cache_dir / f"text-{key[:24]}.pt" if cache_dir is not None else None
@@ -146,9 +149,10 @@ def build_text_cache(kind: str, cache_dir: Path | None, prompts: list[str], enco
         with torch.no_grad():
             for start in range(0, len(unique), 16):
                 batch = unique[start:start + 16]
-                for prompt, emb in zip(batch, encode(batch).cpu(), strict=True):
-                    out[prompt] = emb.clone()
+                encoded = {name: value.cpu() for name, value in encode(batch).items()}
+                for row, prompt in enumerate(batch):
+                    out[prompt] = {name: value[row].clone() for name, value in encoded.items()}
         return {"embeddings": out}
 
     data = _load_or_build(kind, path, key, build)
-    return TextCache({p: e.to(device) for p, e in data["embeddings"].items()})
+    return TextCache({p: {k: v.to(device) for k, v in e.items()} for p, e in data["embeddings"].items()})

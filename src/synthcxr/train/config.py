@@ -58,6 +58,16 @@ class ModelSection(Section):
     single_file_config: Path | None = None
     """For a single-file checkpoint offline: a local diffusers folder of the same architecture."""
 
+    family: str | None = None
+    """Model family (sd, sdxl, sd3). None = detected from model_index.json (or a single file's tensors)."""
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        from synthcxr.models.families import FAMILIES
+
+        return None if value is None else check_name(value, tuple(FAMILIES), "model family")
+
 
 class MethodSection(Section):
     """What is trained: the whole UNet (dreambooth/full) or LoRA adapters, and with which prompts."""
@@ -102,8 +112,13 @@ class MethodSection(Section):
     dora: bool = False
     """Weight-decomposed LoRA (peft `use_dora`)."""
 
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet modules that get LoRA adapters."""
+    target_modules: list[str] | None = None
+    """Denoiser modules that get adapters. None = the model family's default (SD/SDXL: to_q, to_k, to_v,
+    to_out.0; SD3: both attention streams, as diffusers' training examples)."""
+
+    text_encoders: list[str] | None = None
+    """With train_text_encoder: which encoders train (e.g. [text_encoder, text_encoder_2]).
+    None = every CLIP encoder of the family. T5/Gemma encoders cannot be trained."""
 
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
@@ -249,6 +264,23 @@ class ScheduleSection(Section):
         return check_name(value, SCHEDULE_NAMES, "schedule")
 
 
+class ObjectiveSection(Section):
+    """Rectified flow matching options (families trained with flow matching, e.g. sd3); the defaults are
+    diffusers' SD3 training example's. Epsilon/v families ignore them (their prediction type is the model's)."""
+
+    sampling: Literal["uniform", "logit_normal", "mode", "cosmap"] = "logit_normal"
+    """How sigma is drawn per image (SD3 paper, section 3.1)."""
+
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0.0)
+    mode_scale: float = 1.29
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Loss weighting per sigma (diffusers' compute_loss_weighting_for_sd3)."""
+
+    shift: float | None = Field(None, gt=0.0)
+    """Timestep shift; None = the model scheduler's (SD3/3.5: 3.0)."""
+
+
 class TrainSection(Section):
     """How long, how big, how precise, and what to save along the way."""
 
@@ -338,6 +370,7 @@ class TrainConfig(Section):
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:

@@ -65,7 +65,7 @@ class Session:
     class_prompt: str | None
     val_sources: list[Any]
     val_prompts: list[str]
-    unet: Any  # prepared (DDP-wrapped when distributed) UNet used for training forwards
+    unet: Any  # prepared (DDP-wrapped when distributed) denoiser used for training forwards (UNet or transformer)
     text_encoder: Any
     optimizer: Any
     lr_scheduler: Any
@@ -79,7 +79,9 @@ class Session:
     validation_time_s: float = 0.0  # in-loop and final validation (not in train_time_s)
     checkpoint_time_s: float = 0.0  # writing checkpoints (not in train_time_s)
     tb: Any = None
-    memo: dict[str, Any] = field(default_factory=dict)  # held-out latents/embeddings, SNR table
+    memo: dict[str, Any] = field(default_factory=dict)  # held-out latents/embeddings
+    objective: Any = None  # train/objectives.py: (noisy, timesteps, target, weights) from latents and noise
+    text_encoders: dict[str, Any] = field(default_factory=dict)  # the prepared text encoders that train, by name
 
     @property
     def is_main(self) -> bool:
@@ -90,11 +92,20 @@ class Session:
         return self.accelerator.device
 
     # ------------------------------------------------------------------ one step's loss
-    def encode_prompts(self, prompts: list[str], text_encoder: Any = None) -> Any:
-        tok = self.models.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
-        return (text_encoder or self.models.text_encoder)(ids, return_dict=False)[0]
+    def encode_prompts(self, prompts: list[str], encoders: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The family's conditioning of `prompts` (through the prepared, training encoders when given)."""
+        models = self.models
+        return models.family.encode_prompts({**models.text_encoders, **(encoders or {})}, models.tokenizers,
+                                            prompts, self.device)
+
+    def unwrapped_models(self) -> Models:
+        """The models with the training (possibly DDP-wrapped or compiled) modules unwrapped, for sampling and export."""
+        import dataclasses
+
+        unwrap = self.accelerator.unwrap_model
+        encoders = {**self.models.text_encoders, **{k: unwrap(v) for k, v in self.text_encoders.items()}}
+        return dataclasses.replace(self.models, unet=unwrap(self.unet), text_encoder=encoders["text_encoder"],
+                                   text_encoders=encoders)
 
     def encode_pixels(self, pixels: Any) -> Any:
         """Latent-distribution parameters (mean, log-variance) of a batch of [-1, 1] images."""
@@ -102,15 +113,13 @@ class Session:
         return vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.parameters.float()
 
     def latent_shape(self) -> tuple[int, int, int]:
-        vae = self.models.vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        side = self.cfg.data.resolution // factor
-        return vae.config.latent_channels, side, side
+        return self.models.family.latent_shape(self.models.vae, self.cfg.data.resolution)
 
     def loss(self, item: dict[str, Any]) -> Any:
         """Loss of one micro-batch on this process (instance + weighted prior part)."""
         import torch
-        import torch.nn.functional as F
+
+        from synthcxr.train.objectives import per_sample_loss
 
         cfg, plan = self.cfg.train, self.plan
         rank = self.accelerator.process_index
@@ -123,8 +132,7 @@ class Session:
         kw = {"generator": g, "device": self.device}
         eps = torch.randn((n_rows, channels, h, w), **kw)
         noise = torch.randn((n_rows, channels, h, w), **kw)
-        T = self.models.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, T, (n_rows,), **kw)
+        draw = self.objective.draw(n_rows, g, self.device)  # DDPM timesteps, or flow matching's u
         offset = torch.randn((n_rows, channels, 1, 1), **kw)
         flips = torch.rand((n_rows,), **kw) < 0.5
         r0, r1 = rank * plan.batch_size, (rank + 1) * plan.batch_size  # this process's rows (slices: no host sync)
@@ -132,7 +140,7 @@ class Session:
         def mine(x: Any) -> Any:
             return torch.cat([x[r0:r1], x[G + r0:G + r1]]) if prior else x[r0:r1]
 
-        eps, noise, timesteps, offset, flips = (mine(x) for x in (eps, noise, timesteps, offset, flips))
+        eps, noise, draw, offset, flips = (mine(x) for x in (eps, noise, draw, offset, flips))
         use_flips = self.cfg.data.hflip
         # 2. latent distributions: from the cache, or the VAE now (same numbers either way)
         B = len(item["indices"])
@@ -143,27 +151,25 @@ class Session:
             parts.append(self._latent_params(item["class_indices"], item.get("class_pixels"),
                                              flips[B:] if use_flips else None, self.class_cache))
             prompts += [self.class_prompt] * B
-        latents = sample_latents(torch.cat(parts), eps, self.models.vae.config.scaling_factor)
-        # 3. noise (with offset noise) at random timesteps; target by prediction type
+        family = self.models.family
+        latents = sample_latents(torch.cat(parts), eps, *family.latent_scale(self.models.vae))
+        # 3. noise (with offset noise) at the drawn timesteps: the objective gives input, target and weights
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * offset
-        sched = self.models.noise_scheduler
-        noisy = sched.add_noise(latents, noise, timesteps)
-        target = sched.get_velocity(latents, noise, timesteps) if sched.config.prediction_type == "v_prediction" else noise
-        # 4. text conditioning (cached when the text encoder is frozen)
+        noised = self.objective.apply(latents, noise, draw)
+        # 4. text conditioning (cached when the text encoders are frozen)
         if self.text_cache is not None:
-            hidden = self.text_cache.get(prompts)
+            cond = self.text_cache.get(prompts)
         else:
-            with torch.set_grad_enabled(self.cfg.method.train_text_encoder):
-                hidden = self.encode_prompts(prompts, self.text_encoder)
-        # 5. UNet forward under autocast, per-sample MSE with optional min-SNR-gamma weights
+            with torch.set_grad_enabled(bool(self.text_encoders)):
+                cond = self.encode_prompts(prompts, self.text_encoders)
+        # 5. denoiser forward under autocast, per-sample weighted MSE (min-SNR-gamma or flow weighting)
+        noisy = noised.noisy
         if self.cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self.accelerator.autocast():
-            pred = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-        if cfg.min_snr_gamma is not None:
-            per_sample = per_sample * self._snr_weights(timesteps)
+            pred = family.denoise(self.unet, noisy, noised.timesteps, cond, resolution=self.cfg.data.resolution)
+        per_sample = per_sample_loss(pred, noised)
         if prior:
             return per_sample[:B].mean() + self.cfg.method.prior_loss_weight * per_sample[B:].mean()
         return per_sample.mean()
@@ -177,20 +183,6 @@ class Session:
             pixels = torch.where(flips.cpu()[:, None, None, None], torch.flip(pixels, dims=[3]), pixels)
         with torch.no_grad():
             return self.encode_pixels(pixels)
-
-    def _snr_weights(self, timesteps: Any) -> Any:
-        """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
-        import torch
-        from diffusers.training_utils import compute_snr
-
-        if "snr" not in self.memo:  # table on the device once: no host->device copy per step
-            all_t = torch.arange(self.models.noise_scheduler.config.num_train_timesteps, device=self.device)
-            self.memo["snr"] = compute_snr(self.models.noise_scheduler, all_t)
-        snr = self.memo["snr"][timesteps]
-        clipped = torch.clamp(snr, max=self.cfg.train.min_snr_gamma)
-        if self.models.noise_scheduler.config.prediction_type == "v_prediction":
-            return clipped / (snr + 1)
-        return clipped / snr
 
     # ------------------------------------------------------------------ one optimizer step
     def batches(self) -> Any:
@@ -212,7 +204,7 @@ class Session:
 
     @property
     def trained_modules(self) -> list[Any]:
-        return [self.unet] + ([self.text_encoder] if self.cfg.method.train_text_encoder else [])
+        return [self.unet, *self.text_encoders.values()]
 
     def train_step(self, batches: Any) -> Any:
         """Forward/backward over the accumulation micro-batches (gradients synced on the last only),
@@ -421,23 +413,31 @@ def _save_split(cfg: TrainConfig, run: RunDir, records: list[Any], is_main: bool
     return splits["train"], splits.get("val", [])[: cfg.train.max_validation_images]
 
 
-def _load_models(cfg: TrainConfig) -> tuple[Models, str]:
-    from diffusers import DDPMScheduler
-
+def _load_models(cfg: TrainConfig) -> tuple[Models, str, Any]:
+    """The pipeline's modules, the base model as recorded, and the family's training objective."""
+    from synthcxr.models.families import family_of
     from synthcxr.models.load import load_pipeline, resolve_source
+    from synthcxr.train.objectives import build_objective
 
     pipe = load_pipeline(cfg.model.path, prediction_type=cfg.model.prediction_type,
-                         single_file_config=cfg.model.single_file_config, load_lora=False)
+                         single_file_config=cfg.model.single_file_config, load_lora=False, family=cfg.model.family)
+    family = family_of(pipe)
     source = resolve_source(cfg.model.path)
     base = str(Path(cfg.model.path).resolve()) if source.kind in ("folder", "file") else cfg.model.path
-    models = Models(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                    scheduler=pipe.scheduler, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
-    return models, base
+    objective = build_objective(family.objective, pipe.scheduler.config, cfg.objective,
+                                min_snr_gamma=cfg.train.min_snr_gamma)
+    models = Models(unet=getattr(pipe, family.denoiser), vae=pipe.vae, text_encoder=pipe.text_encoder,
+                    tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, noise_scheduler=objective.scheduler,
+                    family=family, text_encoders={s.encoder: getattr(pipe, s.encoder) for s in family.text_encoders},
+                    tokenizers={s.tokenizer: getattr(pipe, s.tokenizer) for s in family.text_encoders})
+    return models, base, objective
 
 
 def _place_models(models: Models, method: Method, cfg: TrainConfig, device: Any, weight_dtype: Any) -> None:
     """Frozen weights in the mixed-precision dtype (half the memory); trainable ones stay fp32 masters."""
     import torch
+
+    from synthcxr.train import methods as M
 
     def place(module: Any, dtype: Any) -> None:
         module.to(device)
@@ -445,17 +445,18 @@ def _place_models(models: Models, method: Method, cfg: TrainConfig, device: Any,
             module.to(dtype=dtype)
 
     place(models.vae, weight_dtype)
-    te_full_train = cfg.method.train_text_encoder and method.full_weights
-    place(models.text_encoder, torch.float32 if te_full_train else weight_dtype)
+    trained = M.trained_text_encoders(cfg.method, models.family)
+    for name, encoder in models.text_encoders.items():
+        place(encoder, torch.float32 if name in trained and method.full_weights else weight_dtype)
     place(models.unet, torch.float32 if method.full_weights else weight_dtype)
-    for module in (models.unet, models.text_encoder):
+    for module in (models.unet, *models.text_encoders.values()):
         for p in module.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
     if cfg.train.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        if cfg.method.train_text_encoder:
-            models.text_encoder.gradient_checkpointing_enable()
+        for name in trained:
+            models.text_encoders[name].gradient_checkpointing_enable()
     if cfg.train.channels_last:
         models.unet.to(memory_format=torch.channels_last)
 
@@ -470,11 +471,13 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         module_fingerprint,
         tokenizer_fingerprint,
     )
+    from synthcxr.train.family_checks import check_family_config
     from synthcxr.train.optimizers import build_lr_scheduler, build_optimizer, check_optimizer_config
 
     # 1. run directory and config checks: fail before any heavy work
     root = Path(out_dir)
     check_optimizer_config(cfg.optimizer)
+    check_family_config(cfg)
     state = _check_run_dir(cfg, root, resume)
     if state == "done":
         log.info("run %s already finished (DONE exists); nothing to do", root)
@@ -490,7 +493,7 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
     # 2. inputs, read and checked before anything is written: a bad data folder or model path leaves no
     # run directory behind that the corrected command would then have to resume or refuse
     records, splits = _read_data(cfg, accelerator.num_processes, resuming=state == "resume")
-    models, base_model = _load_models(cfg)
+    models, base_model, objective = _load_models(cfg)
 
     # 3. the run directory: config first (a run dir with its config can always be resumed)
     run = RunDir(root)
@@ -509,7 +512,8 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
     # class images come from the base model, before any adapter or update
     models.unet.to(accelerator.device)
     models.vae.to(accelerator.device)
-    models.text_encoder.to(accelerator.device)
+    for encoder in models.text_encoders.values():
+        encoder.to(accelerator.device)
     cache_root = cfg.train.cache_dir or run.root / "cache"
     class_sources: list[Any] = []
     class_prompt = None
@@ -542,14 +546,12 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
                 class_cache = build_latent_cache(kind, cache_dir, class_sources, load, encode, what="class images",
                                                  **common)
             if not cfg.method.train_text_encoder:
-                tok = models.tokenizer
-
                 def encode_text(batch: list[str]) -> Any:
-                    ids = tok(batch, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                              return_tensors="pt").input_ids.to(accelerator.device)
-                    return models.text_encoder(ids, return_dict=False)[0]
+                    return models.family.encode_prompts(models.text_encoders, models.tokenizers, batch,
+                                                        accelerator.device)
 
-                fingerprint = tokenizer_fingerprint(tok) + module_fingerprint(models.text_encoder)
+                fingerprint = "".join([*map(tokenizer_fingerprint, models.tokenizers.values()),
+                                       *map(module_fingerprint, models.text_encoders.values())])
                 text_cache = build_text_cache(kind, cache_dir, prompts + ([class_prompt] if class_prompt else []),
                                               encode_text, text_fingerprint=fingerprint, device=accelerator.device)
 
@@ -567,7 +569,9 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         ema = EMAModel(list(trainable.values()), decay=cfg.train.ema_decay)
         ema.to(accelerator.device)
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
-    text_encoder = accelerator.prepare(models.text_encoder) if cfg.method.train_text_encoder else models.text_encoder
+    text_encoders = {name: accelerator.prepare(models.text_encoders[name])
+                     for name in M.trained_text_encoders(cfg.method, models.family)}
+    text_encoder = text_encoders.get("text_encoder", models.text_encoder)
     if cfg.train.compile != "none":
         unet = torch.compile(unet, mode=None if cfg.train.compile == "default" else cfg.train.compile)
 
@@ -576,7 +580,8 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
                       class_sources=class_sources, class_prompt=class_prompt, val_sources=val_records,
                       val_prompts=val_prompts, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, trainable=trainable, base_model=base_model, ema=ema,
-                      latent_cache=latent_cache, class_cache=class_cache, text_cache=text_cache)
+                      latent_cache=latent_cache, class_cache=class_cache, text_cache=text_cache,
+                      objective=objective, text_encoders=text_encoders)
 
     # 7. resume: weights, optimizer, schedule, EMA, scaler, RNG, step
     if resume:
@@ -764,19 +769,20 @@ def finish(session: Session) -> Path:
             s.ema.copy_to(list(s.trainable.values()))
         from synthcxr.train.methods import export_final
 
-        unwrapped = Models(unet=s.accelerator.unwrap_model(s.unet), vae=s.models.vae,
-                           text_encoder=s.accelerator.unwrap_model(s.text_encoder), tokenizer=s.models.tokenizer,
-                           scheduler=s.models.scheduler, noise_scheduler=s.models.noise_scheduler)
+        unwrapped = s.unwrapped_models()
         if s.method.full_weights:  # export in the precision the user will load: fp32, like the base model
             import torch
 
-            for module in (unwrapped.vae, unwrapped.text_encoder):
+            for module in (unwrapped.vae, *unwrapped.text_encoders.values()):
                 if module.dtype != torch.float32:  # .to() on an fp32 VAE only prints a diffusers notice
                     module.to(torch.float32)
         export_final(s.method, unwrapped, s.run.root, s.cfg, s.base_model)
         train_rows = [r for r in read_jsonl(s.run.metrics) if r.get("kind") == "train"]
         summary = {
-            "method": s.cfg.method.name, "optimizer": s.cfg.optimizer.name, "steps": s.total,
+            "method": s.cfg.method.name, "optimizer": s.cfg.optimizer.name, "family": s.models.family.name,
+            "family_label": s.models.family.label, "resolution": s.cfg.data.resolution,
+            "model_params": int(sum(p.numel() for n, p in s.models.unet.named_parameters() if "lora_" not in n)),
+            "steps": s.total,
             "epochs": s.plan.epoch_of(s.total - 1) + 1 if s.total else 0,
             "global_batch": s.cfg.train.batch_size * s.accelerator.num_processes * s.cfg.train.gradient_accumulation,
             "num_processes": s.accelerator.num_processes, "train_images": s.plan.n_images,

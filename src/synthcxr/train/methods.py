@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,60 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 @dataclass
 class Models:
-    """The pieces of a Stable Diffusion pipeline that training touches."""
+    """The pieces of a pipeline that training touches; `family` answers every family-specific question."""
 
-    unet: Any
+    unet: Any  # the denoiser: a UNet (sd, sdxl) or a transformer (sd3); named `family.denoiser` in files
     vae: Any
-    text_encoder: Any
+    text_encoder: Any  # the first text encoder (every one is in `text_encoders`)
     tokenizer: Any
     scheduler: Any  # the pipeline's sampling scheduler (kept for export and validation)
-    noise_scheduler: Any  # DDPM training scheduler built from the same config
+    noise_scheduler: Any  # the training objective's scheduler, built from the same config
+    family: Any = None
+    """models.families.Family; None = Stable Diffusion 1.x/2.x."""
+    text_encoders: dict[str, Any] = field(default_factory=dict)
+    """Pipeline attribute -> text encoder (all of them; SDXL has two, SD3 three)."""
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            from synthcxr.models.families import FAMILIES
+
+            self.family = FAMILIES["sd"]
+        self.text_encoders = self.text_encoders or {"text_encoder": self.text_encoder}
+        self.tokenizers = self.tokenizers or {"tokenizer": self.tokenizer}
+
+    def components(self) -> dict[str, Any]:
+        """Pipeline constructor arguments."""
+        return {self.family.denoiser: self.unet, "vae": self.vae, **self.text_encoders, **self.tokenizers,
+                "scheduler": self.scheduler}
+
+
+def trained_text_encoders(cfg: MethodSection, family: Any) -> list[str]:
+    """Names of the text encoders that train: none, the ones listed, or every CLIP encoder of the family.
+
+    T5 and Gemma encoders are refused: billions of parameters, and no recipe trains them."""
+    if not cfg.train_text_encoder:
+        return []
+    slots = {slot.encoder: slot for slot in family.text_encoders}
+    names = cfg.text_encoders if cfg.text_encoders is not None else [s.encoder for s in family.trainable_encoders()]
+    clip = [s.encoder for s in family.trainable_encoders()]
+    for name in names:
+        if name not in slots:
+            raise ConfigError(f"method.text_encoders names {name!r}, which {family.label} does not have",
+                              fix=f"use some of: {', '.join(slots)}")
+        if not slots[name].trainable:
+            raise ConfigError(f"{family.label}'s {name} is a {slots[name].kind.upper()} encoder, which cannot be "
+                              "trained (billions of parameters; it stays frozen and its outputs are cached)",
+                              fix=f"train only CLIP encoders ({', '.join(clip) or 'this family has none'}) or set "
+                                  "method.train_text_encoder=false")
+    if not names:
+        raise ConfigError(f"{family.label} has no CLIP text encoder to train", fix="set method.train_text_encoder=false")
+    return list(names)
+
+
+def lora_targets(cfg: MethodSection, family: Any) -> list[str]:
+    """The denoiser modules that get adapters: the config's, else the family's default."""
+    return list(cfg.target_modules) if cfg.target_modules is not None else list(family.lora_targets)
 
 
 # --------------------------------------------------------------------------- 1. trainable parameters
@@ -131,15 +177,12 @@ def _text_adapter(text_encoder: Any, cfg: MethodSection) -> None:
 
 # --------------------------------------------------------------------------- 3. export
 def pipeline_for(models: Models):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(unet=models.unet, vae=models.vae, text_encoder=models.text_encoder,
-                                   tokenizer=models.tokenizer, scheduler=models.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    """The family's diffusers pipeline around these modules (for sampling and saving)."""
+    return models.family.assemble(models.components())
 
 
 def _export_pipeline(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Full weights: a diffusers folder that any StableDiffusionPipeline.from_pretrained loads."""
+    """Full weights: a diffusers folder that the family's pipeline class (`from_pretrained`) loads."""
     from synthcxr.models.load import library_progress_bars_off
 
     with library_progress_bars_off():
@@ -149,17 +192,11 @@ def _export_pipeline(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[st
 
 def _export_lora(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     """LoRA: diffusers' own file format, so a plain pipeline loads it with load_lora_weights."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
-    text_layers = None
-    if cfg.method.train_text_encoder:
-        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.text_encoder))
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers,
-                                              text_encoder_lora_layers=text_layers, weight_name=LORA_FILE,
-                                              safe_serialization=True)
+    family = models.family
+    layers = {family.denoiser: family.lora_state_dict(models.unet)}
+    for name in trained_text_encoders(cfg.method, family):
+        layers[name] = family.lora_state_dict(models.text_encoders[name])
+    family.save_lora(out_dir, layers, LORA_FILE)
     return {"pipeline": None, "lora": f"{out_dir.name}/{LORA_FILE}"}
 
 
@@ -189,16 +226,19 @@ def _export_merged(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str,
 
     from synthcxr.models.load import library_progress_bars_off, load_pipeline
 
+    family = models.family
     pipe = load_pipeline(cfg.model.path, prediction_type=cfg.model.prediction_type,
-                         single_file_config=cfg.model.single_file_config, load_lora=False)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                         single_file_config=cfg.model.single_file_config, load_lora=False, family=family.name)
+    fresh = Models(unet=getattr(pipe, family.denoiser), vae=pipe.vae, text_encoder=pipe.text_encoder,
+                   tokenizer=pipe.tokenizer, scheduler=models.scheduler, noise_scheduler=None, family=family,
+                   text_encoders={s.encoder: getattr(pipe, s.encoder) for s in family.text_encoders},
+                   tokenizers={s.tokenizer: getattr(pipe, s.tokenizer) for s in family.text_encoders})
+    for module in (fresh.unet, fresh.vae, *fresh.text_encoders.values()):
         if module.dtype != torch.float32:  # (.to() on an fp32 model only prints a diffusers notice)
             module.to(torch.float32)
-    fresh = Models(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                   scheduler=models.scheduler, noise_scheduler=None)
-    parts = [("unet", models.unet, fresh.unet, cfg.method.target_modules)]
-    if cfg.method.train_text_encoder:
-        parts.append(("text_encoder", models.text_encoder, fresh.text_encoder, cfg.method.text_encoder_target_modules))
+    parts = [("unet", models.unet, fresh.unet, lora_targets(cfg.method, family))]
+    for name in trained_text_encoders(cfg.method, family):
+        parts.append((name, models.text_encoders[name], fresh.text_encoders[name], cfg.method.text_encoder_target_modules))
     for _, trained, target, targets in parts:
         from peft import inject_adapter_in_model
 
@@ -247,15 +287,17 @@ def apply_method(models: Models, cfg: MethodSection) -> Method:
     """Set requires_grad / add adapters; the VAE never trains."""
     method = method_for(cfg)
     models.vae.requires_grad_(False)
-    method.unet(models.unet, cfg)
-    (method.text_encoder if cfg.train_text_encoder else _freeze)(models.text_encoder, cfg)
+    method.unet(models.unet, cfg.model_copy(update={"target_modules": lora_targets(cfg, models.family)}))
+    trained = trained_text_encoders(cfg, models.family)
+    for name, encoder in models.text_encoders.items():
+        (method.text_encoder if name in trained else _freeze)(encoder, cfg)
     return method
 
 
 def trainable_named_parameters(models: Models) -> dict[str, Any]:
-    """Every trainable parameter under a stable name ("unet.<name>", "text_encoder.<name>")."""
+    """Every trainable parameter under a stable name ("unet.<name>" or "transformer.<name>", "text_encoder.<name>")."""
     out = {}
-    for prefix, module in (("unet", models.unet), ("text_encoder", models.text_encoder)):
+    for prefix, module in ((models.family.denoiser, models.unet), *models.text_encoders.items()):
         for name, param in module.named_parameters():
             if param.requires_grad:
                 out[f"{prefix}.{name}"] = param
@@ -266,7 +308,7 @@ def param_groups(models: Models, cfg: TrainConfig) -> list[dict[str, Any]]:
     """UNet and text encoder parameters as optimizer groups (the text encoder may have its own lr)."""
     groups = []
     unet_params = [p for p in models.unet.parameters() if p.requires_grad]
-    text_params = [p for p in models.text_encoder.parameters() if p.requires_grad]
+    text_params = [p for m in models.text_encoders.values() for p in m.parameters() if p.requires_grad]
     lr = cfg.optimizer.effective_lr
     if unet_params:
         groups.append({"params": unet_params, **({"lr": lr} if lr is not None else {})})
@@ -283,7 +325,8 @@ def export_final(method: Method, models: Models, run_root: Path, cfg: TrainConfi
     final = run_root / "final"
     final.mkdir(parents=True, exist_ok=True)
     info = method.export(models, final, cfg)
-    atomic_write_json(run_root / RUN_MODEL_FILE, {"base_model": base_model, **info, "method": method.name})
+    atomic_write_json(run_root / RUN_MODEL_FILE, {"base_model": base_model, **info, "method": method.name,
+                                                   "family": models.family.name})
     return final
 
 

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from synthcxr.fileio import append_jsonl, atomic_write_json
 from synthcxr.logging_utils import get_logger
-from synthcxr.train.methods import Models
 
 if TYPE_CHECKING:
     from synthcxr.train.loop import Session
@@ -36,38 +35,39 @@ def validation_loss(session: Session) -> float | None:
     if "latents" not in session.memo:
         with torch.no_grad():
             lat = [torch.chunk(session.encode_pixels(load_pixels(session.cfg, s)[None]), 2, dim=1)[0] for s in session.val_sources]
-        session.memo["latents"] = torch.cat(lat) * session.models.vae.config.scaling_factor
+        shift, scale = session.models.family.latent_scale(session.models.vae)
+        session.memo["latents"] = (torch.cat(lat) - shift) * scale
     if "hidden" not in session.memo or session.cfg.method.train_text_encoder:
         with torch.no_grad():
             session.memo["hidden"] = session.encode_prompts(session.val_prompts)
-    latents, hidden = session.memo["latents"], session.memo["hidden"]
-    ts = torch.tensor(session.cfg.train.validation_timesteps, device=session.device)
-    sched = session.models.noise_scheduler
+    latents, cond = session.memo["latents"], session.memo["hidden"]
+    family, objective = session.models.family, session.objective
+    draws = objective.fixed(session.cfg.train.validation_timesteps, session.device)
+    n = len(draws)
     losses = []
     with torch.no_grad(), session.accelerator.autocast():
         for i in range(len(latents)):
             g = torch.Generator().manual_seed(10_000 + i)
-            noise = torch.randn((len(ts), *latents.shape[1:]), generator=g).to(session.device)
-            x0 = latents[i:i + 1].expand(len(ts), -1, -1, -1)
-            noisy = sched.add_noise(x0, noise, ts)
-            target = sched.get_velocity(x0, noise, ts) if sched.config.prediction_type == "v_prediction" else noise
-            pred = unet(noisy, ts, hidden[i:i + 1].expand(len(ts), -1, -1), return_dict=False)[0]
-            losses.append(torch.mean((pred.float() - target.float()) ** 2).item())
+            noise = torch.randn((n, *latents.shape[1:]), generator=g).to(session.device)
+            x0 = latents[i:i + 1].expand(n, -1, -1, -1)
+            noised = objective.apply(x0, noise, draws)  # unweighted: a plain MSE comparable across runs
+            row = {k: v[i:i + 1].expand(n, *v.shape[1:]) for k, v in cond.items()}
+            pred = family.denoise(unet, noised.noisy, noised.timesteps, row, resolution=session.cfg.data.resolution)
+            losses.append(torch.mean((pred.float() - noised.target.float()) ** 2).item())
     return float(sum(losses) / len(losses))
 
 
 def sample_images(session: Session, step: int) -> Path:
     """Images at fixed prompts and seeds into samples/step_XXXXX/ (same seeds every time)."""
+    import dataclasses
+
     import torch
 
     from synthcxr.train.methods import pipeline_for
 
-    unet = session.accelerator.unwrap_model(session.unet)
-    text_encoder = session.accelerator.unwrap_model(session.text_encoder)
-    pipe = pipeline_for(Models(unet=unet, vae=session.models.vae, text_encoder=text_encoder,
-                                tokenizer=session.models.tokenizer,
-                                scheduler=type(session.models.scheduler).from_config(session.models.scheduler.config),
-                                noise_scheduler=None))
+    models = session.unwrapped_models()
+    fresh = type(models.scheduler).from_config(models.scheduler.config)  # sampling must not touch the model's
+    pipe = pipeline_for(dataclasses.replace(models, scheduler=fresh, noise_scheduler=None))
     pipe.set_progress_bar_config(disable=True)
     out = session.run.samples / f"step_{step:05d}"
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def validate(session: Session, step: int) -> dict[str, Any]:
     row: dict[str, Any] = {"step": step, "kind": "val"}
     if session.is_main:
         params = list(session.trainable.values())
-        modules = [session.models.unet, session.models.text_encoder]
+        modules = [session.models.unet, *session.models.text_encoders.values()]
         was_training = [m.training for m in modules]
         with evaluation_weights(session.optimizer, params):
             for m in modules:

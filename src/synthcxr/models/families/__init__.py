@@ -17,7 +17,7 @@ from synthcxr.models.families.sd3 import SD3
 from synthcxr.models.families.sdxl import SDXL
 
 __all__ = ["FAMILIES", "Conditioning", "Family", "SampleDefaults", "TextEncoderSlot", "detect", "family_for",
-           "get_family"]
+           "family_of", "get_family"]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SD3)}
 
@@ -38,6 +38,15 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     hint = did_you_mean(name, FAMILIES, cutoff=0.5)
     raise ModelError(f"unknown model family {name!r}{hint}", fix=f"set model.family to one of: {supported()}")
+
+
+def family_of(pipe: object) -> Family:
+    """The family of a loaded pipeline (by its class)."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if name == family.pipeline_class or name in family.detect_classes:
+            return family
+    raise ModelError(f"no model family uses the pipeline class {name}", fix=f"use a model of: {supported()}")
 
 
 def detect(model_dir: str | os.PathLike) -> Family:

@@ -67,12 +67,16 @@ class Family:
     sample: SampleDefaults
     schedulers: tuple[str, ...]
     """Sampler names (generate/schedulers.py) that fit this family's objective."""
-    methods: tuple[str, ...] = ("dreambooth", "full", "lora")
+    refused_methods: dict[str, str] = field(default_factory=dict)
+    """Training methods this family cannot use -> the reason (e.g. full fine-tuning of a 12B model)."""
     text_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     single_file_types: tuple[str, ...] = ()
     """diffusers' `infer_diffusers_model_type` names of single-file checkpoints of this family."""
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments when loading/building the pipeline (e.g. no safety checker)."""
+    lora_key_format: str = "diffusers"
+    """LoRA file keys: "diffusers" (lora.down/up; SD and SDXL examples convert to it) or "peft" (lora_A/B;
+    the SD3/Flux/Sana examples save peft keys as they are, and their loaders expect them)."""
 
     # ------------------------------------------------------------------ classes
     def pipeline_cls(self) -> Any:
@@ -84,6 +88,17 @@ class Family:
         return tuple(slot for slot in self.text_encoders if slot.trainable)
 
     # ------------------------------------------------------------------ latents
+    def resolution_multiple_of_folder(self, folder: Path) -> int | None:
+        """`resolution_multiple` read from a diffusers folder's config files (no weights loaded); None if absent."""
+        import json
+
+        try:
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+            denoiser = json.loads((folder / self.denoiser / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return 2 ** (len(vae.get("block_out_channels", [0])) - 1) * int(denoiser.get("patch_size") or 1)
+
     def vae_factor(self, vae: Any) -> int:
         """Pixels per latent cell along one side."""
         return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -103,6 +118,15 @@ class Family:
         """(shift, scale): the denoiser sees (vae_latent - shift) * scale."""
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return float(shift), float(vae.config.scaling_factor)
+
+    def decode(self, vae: Any, latents: Any) -> Any:
+        """Denoiser latents -> images in [-1, 1] (undoing `latent_scale`; fp16 VAEs that ask for it upcast)."""
+        import torch
+
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as its pipeline knows
+        shift, scale = self.latent_scale(vae)
+        return vae.decode(latents.to(vae.dtype) / scale + shift, return_dict=False)[0]
 
     def native_resolution(self, pipe: Any) -> int:
         denoiser = getattr(pipe, self.denoiser)
@@ -127,6 +151,17 @@ class Family:
         """A pipeline from its components (pipeline attribute name -> module)."""
         return self.pipeline_cls()(**components, **self.pipeline_options)
 
+    def lora_state_dict(self, module: Any) -> dict[str, Any]:
+        """A module's trained adapter weights, keyed as this family's LoRA loader expects."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(module)
+        if self.lora_key_format == "diffusers":
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            state = convert_state_dict_to_diffusers(state)
+        return state
+
     def save_lora(self, out_dir: Path, layers: dict[str, Any], weight_name: str) -> None:
         """Save LoRA layers (pipeline attribute -> diffusers-format state dict) in the file format that
         this family's pipeline `load_lora_weights` reads."""
@@ -136,6 +171,21 @@ class Family:
     def make_tiny(self, out_dir: Path, *, resolution: int, seed: int, **options: Any) -> Any:
         """A tiny random pipeline of this family (real classes, tiny sizes), not yet saved."""
         raise NotImplementedError
+
+    def write_tiny(self, out_dir: Path, *, resolution: int, seed: int, **options: Any) -> Path:
+        """Build the tiny pipeline and save it as a diffusers folder (for tests and demos)."""
+        import json
+
+        from synthcxr.models.load import library_progress_bars_off
+
+        out_dir = Path(out_dir)
+        pipe = self.make_tiny(out_dir, resolution=resolution, seed=seed, **options)
+        with library_progress_bars_off():
+            pipe.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "synthcxr_tiny.json").write_text(json.dumps(
+            {"family": self.name, "sample_size": resolution, "seed": seed, **options,
+             "note": "random weights; for tests and demos only"}))
+        return out_dir
 
 
 # ---------------------------------------------------------------------- helpers shared by families

@@ -29,6 +29,12 @@ class StableDiffusion(Family):
         return build_tiny_pipeline(sample_size=resolution, seed=seed,
                                    prediction_type=options.get("prediction_type") or "epsilon")
 
+    def write_tiny(self, out_dir: Path, *, resolution: int, seed: int, **options: Any) -> Path:
+        from synthcxr.models.tiny import make_tiny_model  # the SD tiny model has its own writer
+
+        return make_tiny_model(out_dir, sample_size=resolution, seed=seed,
+                               prediction_type=options.get("prediction_type") or "epsilon")
+
 
 SD = StableDiffusion(
     name="sd",

@@ -69,4 +69,5 @@ SD3 = StableDiffusion3(
     sample=SampleDefaults(steps=40, guidance=4.5, scheduler="flow_euler", resolution=1024),
     schedulers=("flow_euler",),
     single_file_types=("sd3", "sd35_medium", "sd35_large"),
+    lora_key_format="peft",
 )

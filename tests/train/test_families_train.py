@@ -1,0 +1,168 @@
+"""Training on the tiny SDXL and SD3 models: every method trains 3 steps (trainable weights move,
+frozen ones do not), a LoRA loads in plain diffusers with the pixels `synthcxr generate` makes, and
+family-specific bad input fails before any work."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from synthcxr.errors import ConfigError
+
+FAMILY_METHODS = [(f, m) for f in ("sdxl", "sd3") for m in ("lora", "full", "dreambooth")]
+
+
+@pytest.fixture
+def family_config(tiny_family_model, train_data):
+    from conftest import tiny_config_dict
+
+    from synthcxr.config import build_config
+    from synthcxr.train.config import TrainConfig
+
+    def make(family: str, **sections):
+        return build_config(TrainConfig, tiny_config_dict(tiny_family_model(family), train_data, **sections))
+
+    return make
+
+
+def _snapshot(models):
+    modules = {models.family.denoiser: models.unet, "vae": models.vae, **models.text_encoders}
+    return {f"{k}.{n}": p.detach().clone() for k, m in modules.items() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize(("family", "method"), FAMILY_METHODS)
+def test_every_method_trains_three_steps(family, method, family_config, tmp_path):
+    from synthcxr.train.loop import fit, setup
+
+    train_te = family == "sdxl" and method == "lora"  # both CLIP encoders get adapters too
+    cfg = family_config(family, method={"name": method, "train_text_encoder": train_te},
+                        train={"max_steps": 3, "checkpoint_every": 3})
+    session = setup(cfg, tmp_path / "run")
+    before = _snapshot(session.models)
+    fit(session)
+    after = _snapshot(session.models)
+    trainable = set(session.trainable)
+    moved = {k for k in trainable if k in before and not bool((before[k] == after[k]).all())}
+    frozen_moved = [k for k in after if k not in trainable and k in before and not bool((before[k] == after[k]).all())]
+    new = {k for k in trainable if k not in before}  # adapters added after the snapshot's modules existed
+    assert len(moved | new) >= 0.9 * len(trainable) and frozen_moved == []
+    prefixes = {k.split(".")[0] for k in trainable}
+    denoiser = session.models.family.denoiser
+    assert prefixes == ({denoiser, "text_encoder", "text_encoder_2"} if train_te else {denoiser})
+    rows = [r for r in (json.loads(x) for x in session.run.metrics.read_text().splitlines()) if r.get("kind") == "train"]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_lora_loads_in_plain_diffusers_with_the_pixels_generate_makes(family, family_config, tiny_family_model,
+                                                                    tmp_path, monkeypatch):
+    import torch
+
+    from synthcxr.generate.sample import GenerateConfig, generate_images
+    from synthcxr.models.families import get_family
+    from synthcxr.train.loop import train
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1780000000")
+    cfg = family_config(family, method={"name": "lora", "train_text_encoder": True}, optimizer={"lr": 5e-2},
+                        train={"max_steps": 3, "checkpoint_every": 3})
+    run = train(cfg, tmp_path / "run")
+    info = json.loads((run / "synthcxr_model.json").read_text())
+    assert info["family"] == family and info["lora"] == "final/pytorch_lora_weights.safetensors"
+
+    fam = get_family(family)
+    plain = fam.pipeline_cls().from_pretrained(str(tiny_family_model(family)))
+    plain.set_progress_bar_config(disable=True)
+    base = generate_images(GenerateConfig(model=str(tiny_family_model(family)), prompt="a chest x-ray", n=1, steps=2,
+                                          out=tmp_path / "base"), pipe=plain)
+    plain.load_lora_weights(str(run / "final"), weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        ours = generate_images(GenerateConfig(model=str(run), prompt="a chest x-ray", n=1, steps=2,
+                                              out=tmp_path / "ours"))
+    theirs = generate_images(GenerateConfig(model=str(run), prompt="a chest x-ray", n=1, steps=2,
+                                            out=tmp_path / "plain"), pipe=plain)
+
+    def px(folder):
+        from PIL import Image
+
+        return np.asarray(Image.open(folder / "00000.png")).astype(int)
+
+    assert np.abs(px(theirs) - px(base)).max() > 0, "the LoRA file did not change the output"
+    # every trained adapter weight arrived in plain diffusers' pipeline, unchanged (not only some of them)
+    from safetensors.torch import load_file
+
+    from synthcxr.train.checkpoint import latest_checkpoint
+
+    trained = load_file(str(latest_checkpoint(run / "checkpoints") / "trainable.safetensors"))
+    loaded = {}
+    for attr in (fam.denoiser, "text_encoder", "text_encoder_2"):
+        for name, param in getattr(plain, attr).named_parameters():
+            if "lora_" in name:
+                loaded[f"{attr}." + re.sub(r"\.default(_\d+)?\.", ".", name)] = param.detach()
+    assert {k.replace(".default.", ".") for k in trained} == set(loaded)
+    for key, value in trained.items():
+        assert torch.equal(loaded[key.replace(".default.", ".")].float(), value.float()), key
+    # ours fuses the LoRA into the weights (faster sampling); equal up to one 8-bit level of rounding
+    assert np.abs(px(ours) - px(theirs)).max() <= 1
+
+
+def test_t5_text_encoder_training_is_refused_before_any_work(family_config, tmp_path):
+    from synthcxr.train.loop import train
+
+    cfg = family_config("sd3", method={"name": "lora", "train_text_encoder": True,
+                                       "text_encoders": ["text_encoder", "text_encoder_3"]})
+    with pytest.raises(ConfigError, match="T5 encoder, which cannot be trained"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_min_snr_on_flow_matching_is_refused(family_config, tmp_path):
+    from synthcxr.train.loop import train
+
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        train(family_config("sd3", train={"min_snr_gamma": 5.0}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resolution_not_a_multiple_of_vae_factor_times_patch_is_refused(tmp_path, train_data):
+    from synthcxr.config import build_config
+    from synthcxr.train.config import TrainConfig
+    from synthcxr.train.family_checks import check_family_config
+
+    # an SD3.5-shaped folder (configs only): VAE x8, patch 2 -> multiples of 16
+    model = tmp_path / "sd35"
+    (model / "vae").mkdir(parents=True)
+    (model / "transformer").mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (model / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    (model / "transformer" / "config.json").write_text(json.dumps({"patch_size": 2}))
+    cfg = build_config(TrainConfig, {"model": {"path": str(model)}, "data": {"path": str(train_data), "resolution": 520}})
+    with pytest.raises(ConfigError, match="not a multiple of 16") as err:
+        check_family_config(cfg)
+    assert "512" in str(err.value)
+    ok = build_config(TrainConfig, {"model": {"path": str(model)}, "data": {"path": str(train_data), "resolution": 512}})
+    assert check_family_config(ok).name == "sd3"
+
+
+def test_unknown_family_in_config_lists_the_supported(train_data, tiny_model_dir):
+    from synthcxr.config import build_config
+    from synthcxr.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="sdxl"):
+        build_config(TrainConfig, {"model": {"path": str(tiny_model_dir), "family": "sdx"},
+                                   "data": {"path": str(train_data)}})
+
+
+def test_flow_matching_resume_is_exact(family_config, tmp_path, read_trainable):
+    """SD3 (flow matching draws) continues bit-identically: 2 steps + resume to 3 == 3 steps straight."""
+    import torch
+
+    from synthcxr.train.loop import train
+
+    straight = train(family_config("sd3", train={"max_steps": 3}), tmp_path / "straight")
+    train(family_config("sd3", train={"max_steps": 2}), tmp_path / "resumed")
+    resumed = train(family_config("sd3", train={"max_steps": 3}), tmp_path / "resumed", resume=True)
+    a, b = read_trainable(straight), read_trainable(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
