@@ -79,3 +79,19 @@ def test_upgrade_from_0001_gives_existing_studies_a_secret_on_postgresql(pg_url)
     with session_scope(pg_url) as s:
         keys = list(s.scalars(select(Study.order_key)))
     assert len(keys) == 1 and len(keys[0]) == 64
+
+
+def test_paired_study_with_calibration_on_postgresql(pg_url, sources, tmp_path):
+    """Migration 0003's columns on PostgreSQL: a paired, calibrated, counterbalanced study, its
+    answers, the MRMC export and the analysis."""
+    from synthcxr.study.analysis import analyze
+    from synthcxr.study.service import create_study, mrmc_csv, ratings_table, simulate_answers
+
+    create_study(pg_url, "pg-pairs", real=sources["real"], models=[sources["model_a"], sources["model_b"]],
+                 per_model=2, real_count=4, readers=2, image_size=32, design="paired", calibration=1,
+                 counterbalance=True, study_dir=tmp_path / "sd")
+    assert simulate_answers(pg_url, "pg-pairs") == 2 * 5
+    rows = ratings_table(pg_url, "pg-pairs")
+    assert sum(r["phase"] == "calibration" for r in rows) == 2 and all(r["image2_id"] for r in rows)
+    assert len(mrmc_csv(rows).splitlines()) == 1 + 2 * 4
+    assert {m["model"] for m in analyze(rows, n_boot=20)["mrmc"]["models"]} == {"generated", "model_b"}
