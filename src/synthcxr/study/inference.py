@@ -6,7 +6,6 @@ realism ratings. Rows are `service.ratings_table` dicts (main-phase first showin
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import numpy as np
 from synthcxr.study.mrmc import or_analysis, tost
 
 REAL = "real"
+Z95 = 1.959963984540054
 MRMC_COLUMNS = ["reader", "case", "modality", "truth", "rating"]
 
 
@@ -121,45 +121,35 @@ def time_analysis(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def realism_mixed_model(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Realism by model with readers and images as crossed random effects (statsmodels MixedLM,
-    REML): each group's mean with a 95% CI, each model's difference from the real controls, and the
+    """Realism by group with readers and images as crossed random intercepts (REML, `mixed.py`):
+    each group's mean with a 95% CI, each model's difference from the real controls, and the
     variance components. Beside the image-bootstrap CIs: those ignore the reader variation."""
+    from scipy.stats import norm
+
+    from synthcxr.study.mixed import fit_crossed
+
     rated = [r for r in rows if r.get("realism") is not None and r.get("design") != "paired"]
     groups = sorted({r["model"] for r in rated})
-    if len(rated) < 10 or len({r["reader"] for r in rated}) < 2 or len(groups) < 1:
+    if len(rated) < 10 or len({r["reader"] for r in rated}) < 2:
         return {"skipped": "needs realism ratings from at least two readers"}
-    import pandas as pd
-    import statsmodels.formula.api as smf
-
-    frame = pd.DataFrame({"realism": [float(r["realism"]) for r in rated], "model": [r["model"] for r in rated],
-                          "reader": [r["reader"] for r in rated], "image": [r["image_id"] for r in rated]})
-    frame["one"] = 1
     order = ([REAL] if REAL in groups else []) + [g for g in groups if g != REAL]
-    frame["model"] = pd.Categorical(frame["model"], categories=order)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter; the result says whether it converged
-        try:
-            fit = smf.mixedlm("realism ~ 0 + model", frame, groups="one", re_formula="0",
-                              vc_formula={"reader": "0 + C(reader)", "image": "0 + C(image)"}).fit(reml=True)
-        except (np.linalg.LinAlgError, ValueError) as exc:
-            return {"skipped": f"the mixed model could not be fitted: {exc}"}
-    params, cov = fit.fe_params, fit.cov_params()
-    names = list(params.index)
+    x = np.array([[1.0 if r["model"] == g else 0.0 for g in order] for r in rated])
+    try:
+        fit = fit_crossed(np.array([float(r["realism"]) for r in rated]), x,
+                          {"reader": np.array([r["reader"] for r in rated]),
+                           "image": np.array([r["image_id"] for r in rated])})
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        return {"skipped": f"the mixed model could not be fitted: {exc}"}
     out_groups = []
-    for name, group in zip(names, order, strict=True):
-        est, se = float(params[name]), float(math.sqrt(cov.loc[name, name]))
-        item = {"group": group, "mean": est, "ci": (est - 1.959964 * se, est + 1.959964 * se), "se": se}
-        if REAL in order and group != REAL:
-            ref = names[0]
-            diff = est - float(params[ref])
-            dse = math.sqrt(cov.loc[name, name] + cov.loc[ref, ref] - 2 * cov.loc[name, ref])
-            from scipy.stats import norm
-
-            item.update(diff_vs_real=diff, diff_ci=(diff - 1.959964 * dse, diff + 1.959964 * dse),
+    for k, group in enumerate(order):
+        est, se = float(fit.beta[k]), math.sqrt(fit.cov_beta[k, k])
+        item: dict[str, Any] = {"group": group, "mean": est, "ci": (est - Z95 * se, est + Z95 * se), "se": se}
+        if order[0] == REAL and k > 0:
+            diff = est - float(fit.beta[0])
+            dse = math.sqrt(fit.cov_beta[k, k] + fit.cov_beta[0, 0] - 2 * fit.cov_beta[k, 0])
+            item.update(diff_vs_real=diff, diff_ci=(diff - Z95 * dse, diff + Z95 * dse),
                         diff_p=float(2 * norm.sf(abs(diff / dse))) if dse > 0 else math.nan)
         out_groups.append(item)
-    vc = dict(zip(fit.model.exog_vc.names, (float(v) for v in fit.vcomp), strict=True))
-    return {"groups": out_groups, "variance": {"reader": vc.get("reader"), "image": vc.get("image"),
-                                               "residual": float(fit.scale)},
-            "converged": bool(fit.converged), "n": len(rated), "method": "statsmodels MixedLM, REML, crossed "
-            "random intercepts for reader and image"}
+    return {"groups": out_groups, "variance": {**fit.variances, "residual": fit.sigma2},
+            "converged": fit.converged, "n": len(rated),
+            "method": "linear mixed model, REML, crossed random intercepts for reader and image"}
