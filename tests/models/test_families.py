@@ -118,3 +118,15 @@ def test_every_sampler_belongs_to_a_family():
     from synthcxr.generate.schedulers import SCHEDULERS
 
     assert set(SCHEDULERS) == {name for fam in FAMILIES.values() for name in fam.schedulers}
+
+
+def test_hub_id_family_comes_from_the_cached_model_index(tmp_path, monkeypatch):
+    """A hub id in the local cache is detected offline (an SDXL id must not load as SD 1.x)."""
+    snapshot = tmp_path / "models--org--my-sdxl" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (tmp_path / "models--org--my-sdxl" / "refs").mkdir()
+    (tmp_path / "models--org--my-sdxl" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    assert family_for("org/my-sdxl").name == "sdxl"
+    assert family_for("org/not-cached").name == "sd"  # unknown offline: today's default

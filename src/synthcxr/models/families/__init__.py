@@ -70,8 +70,8 @@ def detect(model_dir: str | os.PathLike) -> Family:
 
 def family_for(location: str | os.PathLike | None, override: str | None = None,
                single_file_config: str | os.PathLike | None = None) -> Family:
-    """The family of a model: `override` when given, else detected from its folder (or from the
-    single-file config folder); a single file or hub id without either is Stable Diffusion 1.x/2.x."""
+    """The family of a model: `override` when given, else detected from its folder, the single-file
+    config folder, a single file's tensor names, or a hub id's cached model_index.json; else SD 1.x/2.x."""
     if override:
         return get_family(override)
     if single_file_config is not None and Path(single_file_config).is_dir():
@@ -80,7 +80,20 @@ def family_for(location: str | os.PathLike | None, override: str | None = None,
         return detect(Path(location).expanduser())
     if location is not None and Path(location).expanduser().is_file():
         return _single_file_family(Path(location).expanduser())
-    return SD
+    cached = _hub_cached_index(str(location)) if location is not None else None
+    return detect(cached.parent) if cached is not None else SD
+
+
+def _hub_cached_index(repo_id: str) -> Path | None:
+    """model_index.json of a hub id in the local Hugging Face cache (no network), or None."""
+    from synthcxr.models.load import HUB_ID
+
+    if not HUB_ID.match(repo_id) or repo_id.startswith((".", "/")):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "model_index.json")
+    return Path(found) if isinstance(found, str) else None
 
 
 def _single_file_family(path: Path) -> Family:
