@@ -162,7 +162,8 @@ def test_flow_matching_resume_is_exact(family_config, tmp_path, read_trainable):
     from synthcxr.train.loop import train
 
     straight = train(family_config("sd3", train={"max_steps": 3}), tmp_path / "straight")
-    train(family_config("sd3", train={"max_steps": 2}), tmp_path / "resumed")
+    first = train(family_config("sd3", train={"max_steps": 2}), tmp_path / "resumed")
+    (first / "DONE").unlink()  # a finished run is left alone; without DONE a longer max_steps continues it
     resumed = train(family_config("sd3", train={"max_steps": 3}), tmp_path / "resumed", resume=True)
     a, b = read_trainable(straight), read_trainable(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
