@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import json
 from pathlib import Path
 
@@ -165,12 +166,16 @@ def test_accelerate_launcher_failure_is_recorded(tmp_path, monkeypatch):
     assert fake.calls("train") == []  # training went through the subprocess, not in-process
 
 
-def test_a_signal_stops_the_whole_grid_and_the_rerun_resumes(tmp_path):
+def test_a_signal_stops_the_whole_grid_and_the_rerun_resumes(tmp_path, caplog):
     plan = make_plan(tmp_path)
     fake = FakeStages(tmp_path / "calls.jsonl", interrupt_once={"dreambooth-prodigy"})
     out = tmp_path / "out"
-    first = run_grid(plan, out, stages=as_stages(fake))
+    with caplog.at_level(logging.INFO):
+        first = run_grid(plan, out, stages=as_stages(fake))
     assert first.interrupted and not first.ok
+    # a stop the user (or the cluster) asked for is logged as a stop, not as an error
+    said = [r for r in caplog.records if "SIGTERM" in r.getMessage()]
+    assert said and all(r.levelno < logging.ERROR and "failed" not in r.getMessage() for r in said)
     assert [r.name for r in first.results] == ["dreambooth-adamw", "dreambooth-prodigy"]  # the rest never started
     assert "run the same command again to resume" in first.describe()
     second = run_grid(plan, out, stages=as_stages(fake))

@@ -364,7 +364,10 @@ def run_one(spec: RunSpec, out_dir: str | Path, generate: dict[str, Any], evalua
             atomic_write_text(paths.error, result.error + "\n")
             atomic_write_text(paths.traceback, traceback.format_exc())
             result.traceback = str(paths.traceback)
-            log.error("[%s] %s failed: %s (traceback: %s)", spec.name, step, message, paths.traceback)
+            if interrupted:  # asked for (Ctrl-C, preemption): a stop to resume from, not an error
+                log.warning("[%s] %s stopped: %s", spec.name, step, message)
+            else:
+                log.error("[%s] %s failed: %s (traceback: %s)", spec.name, step, message, paths.traceback)
     result.seconds = round(time.time() - started, 3)
     if owns_state:
         state = {"name": spec.name, "fingerprint": spec.fingerprint(), **spec.to_dict(), **asdict(result),
