@@ -213,3 +213,24 @@ def test_finishing_the_study_shows_thanks(study, make_client):
     assert _count_answers(study.db_url) == 13
     pause = client.get("/pause")
     assert "13 of 13" in pause.text
+
+
+def test_dashboard_works_from_the_first_answer_and_survives_a_failing_analysis(study, make_client, monkeypatch):
+    """One answer gives no AUC and no CI: the page (and its plots) must still render; an analysis
+    that raises shows its error while progress stays usable."""
+    reader = make_client()
+    page = sign_in_reader(reader, study.invites["reader-1"])
+    assert _answer(reader, page).status_code == 200
+    admin = make_client()
+    sign_in_admin(admin, study.admin_token)
+    resp = admin.get(f"/admin/study/{study.name}")
+    assert resp.status_code == 200 and "Can readers tell each model from real?" in resp.text
+    import synthcxr.study.analysis as analysis
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(analysis, "analyze", broken)
+    resp = admin.get(f"/admin/study/{study.name}?refresh=1")
+    assert resp.status_code == 200 and "The analysis failed: RuntimeError: boom" in resp.text
+    assert "1 / 13" in resp.text  # progress still shown

@@ -416,10 +416,12 @@ def write_outputs(result: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
         written.append(out_dir / "realism_by_model.png")
 
     mrmc = result.get("mrmc") or {}
+    plotted = [m for m in mrmc.get("models", []) if m.get("auc") is not None and None not in (m.get("ci") or [None])]
     if mrmc.get("models"):
         _csv(out_dir / "mrmc.csv", [{k: v for k, v in m.items() if k != "per_reader"} for m in mrmc["models"]])
         written.append(out_dir / "mrmc.csv")
-        models = mrmc["models"]
+    if plotted:  # models with an estimate and a CI (one reader's first answers may give neither)
+        models = plotted
         fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(models) + 2), 4))
         delta = mrmc["delta"]
         ax.axhspan(0.5 - delta, 0.5 + delta, color="#cccccc", alpha=0.6, label=f"0.5 +- {delta} (equivalence margin)")

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synthcxr.errors import StudyError
+from synthcxr.logging_utils import get_logger
 from synthcxr.study import service
 from synthcxr.study.db import (
     AdminToken,
@@ -44,6 +45,7 @@ from synthcxr.study.security import database_secret, hash_token, new_token, same
 from synthcxr.study.settings import StudySettings, load_settings
 
 HERE = Path(__file__).parent
+log = get_logger(__name__)
 SESSION_COOKIE = "synthcxr_session"
 PRE_CSRF_COOKIE = "synthcxr_csrf"
 SECURITY_HEADERS = {
@@ -430,11 +432,15 @@ def create_app(settings: StudySettings | None = None) -> FastAPI:
 
         from synthcxr.study.analysis import analyze, write_outputs
 
-        result = analyze(rows, n_boot=1000)
-        result["generated_at"] = utcnow().strftime("%Y-%m-%d %H:%M:%S UTC")
-        with tempfile.TemporaryDirectory() as tmp:
-            written = write_outputs(result, rows, Path(tmp))
-            plots = {p.name: p.read_bytes() for p in written if p.suffix == ".png"}
+        try:
+            result = analyze(rows, n_boot=1000)
+            result["generated_at"] = utcnow().strftime("%Y-%m-%d %H:%M:%S UTC")
+            with tempfile.TemporaryDirectory() as tmp:
+                written = write_outputs(result, rows, Path(tmp))
+                plots = {p.name: p.read_bytes() for p in written if p.suffix == ".png"}
+        except Exception as exc:  # noqa: BLE001 - the progress table must stay usable
+            log.exception("analysis of study %r failed", name)
+            return {"error": f"{type(exc).__name__}: {exc}"}, {}
         app.state.analysis[name] = (len(rows), result, plots)
         return result, plots
 
