@@ -39,6 +39,9 @@ def generate(
     decode_batch_size: Annotated[int | None, typer.Option(help="Latents per VAE decode call.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with any of these settings.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: key=value (repeatable), e.g. captions.template=...")] = None,
+    launcher: Annotated[str, typer.Option(help="local (this process; under torchrun/accelerate each rank takes its share) or slurm (--shards cluster jobs via submitit).")] = "local",
+    shards: Annotated[int, typer.Option(help="Cluster jobs for --launcher slurm; each makes every shards-th batch.")] = 1,
+    slurm: Annotated[list[str] | None, typer.Option("--slurm", help="submitit/SLURM parameter key=value (repeatable), e.g. slurm_partition=gpu, gpus_per_node=1.")] = None,
 ) -> None:
     """Generate synthetic chest X-rays (PNG with provenance, or DICOM), resumable, with a manifest."""
     from synthcxr.config import apply_overrides, build_config, read_yaml
@@ -67,5 +70,20 @@ def generate(
             data["prompt"] = run_prompt
     source = f"{config} + options" if config else "command-line options"
     cfg = build_config(GenerateConfig, data, source)
-    out_dir = generate_images(cfg)
+    if launcher not in ("local", "slurm"):
+        from synthcxr.errors import ConfigError, did_you_mean
+
+        raise ConfigError(f"unknown launcher {launcher!r}{did_you_mean(launcher, ('local', 'slurm'))}", fix="use local or slurm")
+    if launcher == "local" and shards != 1:
+        from synthcxr.errors import ConfigError
+
+        raise ConfigError(f"--shards {shards} needs --launcher slurm",
+                          fix="add --launcher slurm; on one machine use torchrun/accelerate launch (each rank takes its share)")
+    if launcher == "slurm":
+        from synthcxr.generate.shard import parse_slurm, run_sharded
+
+        run_sharded(cfg, shards, slurm=parse_slurm(slurm or []))
+        out_dir = cfg.out
+    else:
+        out_dir = generate_images(cfg)
     typer.echo(f"images in {out_dir.resolve()} (manifest: {(out_dir / MANIFEST).resolve()})")

@@ -32,9 +32,9 @@ GENERATE_BUSY = ("another `synthcxr generate` is writing into this output folder
 """(message, fix) when the folder is busy; training passes its own."""
 
 
-def _open_locked(out: Path, busy: tuple[str, str] = GENERATE_BUSY) -> tuple[int, bool]:
-    """Open and lock `out/.lock`; return (fd, whether this call created `out`)."""
-    lock_path = out / LOCK_FILE
+def _open_locked(out: Path, busy: tuple[str, str] = GENERATE_BUSY, name: str = LOCK_FILE) -> tuple[int, bool]:
+    """Open and lock `out/name`; return (fd, whether this call created `out`)."""
+    lock_path = out / name
     created = False
     for _ in range(_ATTEMPTS):
         if not out.is_dir():
@@ -64,19 +64,20 @@ def _open_locked(out: Path, busy: tuple[str, str] = GENERATE_BUSY) -> tuple[int,
 
 
 @contextmanager
-def output_lock(out: str | os.PathLike, busy: tuple[str, str] = GENERATE_BUSY) -> Iterator[Path]:
+def output_lock(out: str | os.PathLike, busy: tuple[str, str] = GENERATE_BUSY, name: str = LOCK_FILE) -> Iterator[Path]:
     """Hold the exclusive lock on output folder `out` (created if missing) for the `with` block.
 
     On exit the lock file is removed, and so is `out` when this call created it and nothing else
     was written there (a run that failed before its first file leaves no empty folder behind).
+    `name`: another lock file in `out` (one shard of a cluster generation locks its own).
     """
     out = Path(out)
-    fd, created = _open_locked(out, busy)
+    fd, created = _open_locked(out, busy, name)
     try:
         yield out
     finally:
         try:
-            os.unlink(out / LOCK_FILE)  # still held: a waiter that opened it sees the inode change
+            os.unlink(out / name)  # still held: a waiter that opened it sees the inode change
             if created:
                 out.rmdir()  # only when empty
         except OSError:

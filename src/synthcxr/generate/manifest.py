@@ -27,6 +27,8 @@ from synthcxr.logging_utils import get_logger
 log = get_logger(__name__)
 
 MANIFEST = "manifest.jsonl"
+SHARD_GLOB = "manifest.shard-*.jsonl"
+"""Lines written by one process of a sharded generation; merged into MANIFEST by the lock holder."""
 RUN_SETTINGS = ("model", "scheduler", "steps", "guidance", "resolution", "dtype", "prediction_type")
 """Settings shared by every image of one generation."""
 IMAGE_SETTINGS = (*RUN_SETTINGS, "prompt", "negative_prompt", "seed")
@@ -53,6 +55,37 @@ def plan_rows(jobs: list[ImageJob], *, model: str, scheduler: str, steps: int, g
     return rows
 
 
+def shard_manifest(rank: int) -> str:
+    return f"manifest.shard-{rank:05d}.jsonl"
+
+
+def _read_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's lines and any shard manifests' lines, by file name (a repeated line: the last wins)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in (out / MANIFEST, *sorted(out.glob(SHARD_GLOB))):
+        for row in read_jsonl(path):
+            if "file" in row:
+                rows[row["file"]] = row
+    return rows
+
+
+def merge_shards(out: Path) -> int:
+    """Fold the shard manifests into MANIFEST (one atomic rewrite, in index order); returns lines merged.
+
+    Only the holder of the output lock calls this, when no shard is being written.
+    """
+    shards = sorted(Path(out).glob(SHARD_GLOB))
+    if not shards:
+        return 0
+    rows = _read_rows(Path(out))
+    ordered = sorted(rows.values(), key=lambda r: (r.get("index", 0), r["file"]))
+    atomic_write_text(Path(out) / MANIFEST, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in ordered))
+    merged = sum(len(read_jsonl(p)) for p in shards)
+    for path in shards:
+        path.unlink()
+    return merged
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
 
@@ -66,6 +99,8 @@ class ManifestState:
     done: set[int] = field(default_factory=set)
     names: dict[int, str] = field(default_factory=dict)
     """Planned file name of each image index."""
+    shard_file: str | None = None
+    """Where this process appends its lines (a shard manifest), when several processes share the folder."""
 
     @property
     def path(self) -> Path:
@@ -78,24 +113,26 @@ class ManifestState:
         return hash_strings([str(self.out.resolve()), *(str(first.get(k)) for k in RUN_SETTINGS)])
 
     @classmethod
-    def open(cls, out: Path, planned: dict[str, dict[str, Any]]) -> ManifestState:
-        state = cls(Path(out), planned, names={r["index"]: name for name, r in planned.items()})
-        state._check_existing()
+    def open(cls, out: Path, planned: dict[str, dict[str, Any]], *, shard_file: str | None = None,
+             readonly: bool = False) -> ManifestState:
+        """`readonly`: only read what is done (other processes of the same generation may be writing);
+        otherwise shard manifests left by an interrupted sharded run are merged first."""
+        state = cls(Path(out), planned, names={r["index"]: name for name, r in planned.items()}, shard_file=shard_file)
+        if not readonly:
+            merge_shards(state.out)
+        state._check_existing(readonly)
         return state
 
-    def _check_existing(self) -> None:
+    def _check_existing(self, readonly: bool = False) -> None:
         refuse_fix = (f"choose a new output folder (--out), or re-run with the settings saved in "
                       f"{self.out / 'generate_config.yaml'}; nothing was changed")
-        if not self.path.exists():
+        if not self.path.exists() and not any(self.out.glob(SHARD_GLOB)):
             clashes = [f for f in self.planned if (self.out / f).exists()]
             if clashes:
                 raise ConfigError(f"output folder already holds {len(clashes)} image file(s) that this generation "
                                   f"would write (e.g. {clashes[0]}) but no {MANIFEST}", file=self.out, fix=refuse_fix)
             return
-        rows: dict[str, dict[str, Any]] = {}
-        for row in read_jsonl(self.path):
-            if "file" in row:
-                rows[row["file"]] = row  # a repeated line: the last one wins
+        rows = _read_rows(self.out)
         any_planned = next(iter(self.planned.values()), None)
         stale = []
         for name, row in rows.items():
@@ -117,7 +154,7 @@ class ManifestState:
                                   file=path, fix="move the file out of the folder to have it generated again, "
                                   "or choose a new output folder")
             self.done.add(want["index"])
-        if stale:  # drop lines of deleted files so the manifest lists each image once
+        if stale and not readonly:  # drop lines of deleted files so the manifest lists each image once
             kept = [r for n, r in rows.items() if n not in stale]
             atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in kept))
         leftovers = [f for f, r in self.planned.items() if r["index"] not in self.done and (self.out / f).exists()
@@ -135,6 +172,6 @@ class ManifestState:
         name = self.names[index]
         atomic_write_bytes(self.out / name, data)
         row = {**self.planned[name], "sha256": sha256_bytes(data), "created": created}
-        append_jsonl(self.path, row)
+        append_jsonl(self.out / self.shard_file if self.shard_file else self.path, row)
         self.done.add(index)
         return row

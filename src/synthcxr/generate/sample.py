@@ -150,18 +150,21 @@ def generate_images(
     *,
     pipe: Any = None,
     on_image: Callable[[dict[str, Any]], None] | None = None,
+    shard: Any = None,
 ) -> Path:
     """Generate every image of `cfg` not yet in `cfg.out`; return the output folder.
 
     `pipe` reuses an already loaded pipeline (its scheduler is replaced); `on_image(row)` is called
-    after each image's file and manifest line are on disk (progress hooks, tests).
+    after each image's file and manifest line are on disk (progress hooks, tests). `shard`: this process's
+    part of a multi-process generation (default: from torchrun/accelerate's RANK/WORLD_SIZE; see shard.py).
     """
     from synthcxr.generate.export import EXPORTERS
-    from synthcxr.generate.lock import output_lock
     from synthcxr.generate.prompts import plan_jobs
+    from synthcxr.generate.shard import Shard, hold_output
 
     # 1. check inputs and choose device/precision before any heavy work
-    device = resolve_device(cfg.device)
+    shard = shard or Shard.from_env()
+    device = resolve_device(shard.device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     jobs = plan_jobs(cfg)
     exporter = EXPORTERS[cfg.format]
@@ -170,17 +173,18 @@ def generate_images(
         raise ConfigError("output path exists and is a file", file=out, fix="pass a folder for --out")
 
     # one writer per folder: a second generate into it fails here, before loading a model
-    with output_lock(out):
-        return _generate(cfg, pipe, on_image, out=out, device=device, dtype=dtype, jobs=jobs, exporter=exporter)
+    with hold_output(out, shard):
+        return _generate(cfg, pipe, on_image, out=out, device=device, dtype=dtype, jobs=jobs, exporter=exporter,
+                         shard=shard)
 
 
 def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]], None] | None, *, out: Path,
-              device: str, dtype: Any, jobs: list[Any], exporter: Any) -> Path:
+              device: str, dtype: Any, jobs: list[Any], exporter: Any, shard: Any) -> Path:
     """The body of `generate_images`, run while holding the output folder's lock."""
     import torch
 
     from synthcxr.generate.export import Provenance, provenance_time
-    from synthcxr.generate.manifest import ManifestState, plan_rows
+    from synthcxr.generate.manifest import plan_rows
     from synthcxr.generate.schedulers import make_scheduler
     from synthcxr.logging_utils import progress_bar
     from synthcxr.models.families import family_of
@@ -205,15 +209,17 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
         raise ConfigError(f"resolution {resolution} is not a multiple of {multiple} ({family.label}: VAE factor x patch size)",
                           fix=f"use a multiple of {multiple}, e.g. {max(multiple, resolution // multiple * multiple)}")
 
-
     # 3. what is already done in `out`, and is it from the same settings?
     model_name = model_id(cfg.model)
     rows = plan_rows(jobs, model=model_name, scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance,
                      resolution=resolution, dtype=_dtype_name(dtype), suffix=exporter.suffix,
                      prediction_type=pipe.scheduler.config.get("prediction_type", family.objective))
-    state = ManifestState.open(out, rows)
+    from synthcxr.generate.shard import open_manifest
+
+    state = open_manifest(out, rows, shard)
     pending = [job for job in jobs if job.index not in state.done]
-    save_config(cfg, out / CONFIG_FILE)
+    if shard.rank == 0:
+        save_config(cfg, out / CONFIG_FILE)
     if not pending:
         log.info("all %d images already in %s", len(jobs), out)
         return out
@@ -236,7 +242,7 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
              cfg.scheduler, cfg.steps, device, _dtype_name(dtype))
     with progress_bar(len(jobs), "generating", completed=len(jobs) - len(pending)) as (progress, task), \
             torch.inference_mode():
-        for batch, todo in _aligned_batches(jobs, pending, cfg.batch_size):
+        for batch, todo in shard.batches(_aligned_batches(jobs, pending, cfg.batch_size), cfg.batch_size):
             # 5. denoise: one CPU generator per image, so image i's noise depends on seed + i only
             generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
             latents = pipe(
