@@ -207,3 +207,24 @@ def test_a_second_start_on_a_run_directory_in_use_stops_at_once(make_config, tmp
             with pytest.raises(OutputBusyError, match="another `synthcxr train` is using this run directory"):
                 train(make_config(), run, resume=resume)
     assert not run.exists()
+
+
+def test_resume_of_a_run_saved_before_families_accepts_explicit_default_targets(make_config, tmp_path):
+    """A config.yaml written before the family layer names the LoRA targets explicitly; today's default is
+    None (the family's targets). The same targets are the same config, so --resume is not refused."""
+    from synthcxr.config import save_config
+    from synthcxr.models.families import get_family
+    from synthcxr.train.loop import _check_run_dir
+
+    cfg = make_config()
+    assert cfg.method.target_modules is None
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    old = cfg.model_copy(update={"method": cfg.method.model_copy(
+        update={"target_modules": list(get_family("sd").lora_targets)})})
+    save_config(old, run / "config.yaml")
+    assert _check_run_dir(cfg, run, resume=True, family=get_family("sd")) == "resume"
+    other = cfg.model_copy(update={"method": cfg.method.model_copy(update={"target_modules": ["to_q"]})})
+    save_config(other, run / "config.yaml")
+    with pytest.raises(ConfigError, match="different config.*target_modules"):
+        _check_run_dir(cfg, run, resume=True, family=get_family("sd"))

@@ -409,7 +409,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """Keys whose values differ (dotted names -> (old, new))."""
+def config_differences(old: TrainConfig, new: TrainConfig,
+                       defaults: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ (dotted names -> (old, new)). `defaults` gives what a None value means
+    (e.g. method.target_modules None = the family's targets), so an explicit default equals None."""
     a, b = flatten(old.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    for flat in (a, b):
+        for key, value in (defaults or {}).items():
+            if flat.get(key) is None:
+                flat[key] = value
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

@@ -311,7 +311,7 @@ class Session:
 
 
 # ====================================================================== setup
-def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool) -> str:
+def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool, family: Any = None) -> str:
     """Refuse to overwrite a run; on --resume insist on the same config (a safe subset may change).
 
     A run directory that holds no training work yet (a start that stopped during setup) is "fresh":
@@ -336,7 +336,9 @@ def _check_run_dir(cfg: TrainConfig, root: Path, resume: bool) -> str:
         raise ConfigError("nothing to resume: no config.yaml in this run directory", file=root,
                           fix="start the run without --resume first, or check --out")
     old = load_config(TrainConfig, root / "config.yaml")
-    diffs = {k: v for k, v in config_differences(old, cfg).items() if k not in RESUME_SAFE_KEYS}
+    # a run saved before the family layer names the LoRA targets that are today's None (family default)
+    defaults = {"method.target_modules": list(family.lora_targets)} if family is not None else None
+    diffs = {k: v for k, v in config_differences(old, cfg, defaults).items() if k not in RESUME_SAFE_KEYS}
     if diffs:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items()))
         raise ConfigError(f"--resume with a different config: {lines}", file=root / "config.yaml",
@@ -477,8 +479,8 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
     # 1. run directory and config checks: fail before any heavy work
     root = Path(out_dir)
     check_optimizer_config(cfg.optimizer)
-    check_family_config(cfg)
-    state = _check_run_dir(cfg, root, resume)
+    family = check_family_config(cfg)
+    state = _check_run_dir(cfg, root, resume, family)
     if state == "done":
         log.info("run %s already finished (DONE exists); nothing to do", root)
         return None
