@@ -171,3 +171,18 @@ def test_cli_export_dataset(gen_dir, tmp_path, capsys):
         main(["export-dataset", str(gen_dir), "--out", str(tmp_path / "x"), "--format", "parket"])
     assert exc.value.code != 0
     assert "did you mean 'parquet'" in capsys.readouterr().err
+
+
+def test_conditioning_records_only_the_images_it_checked(gen_dir, tmp_path):
+    rows = [json.loads(x) for x in (gen_dir / "manifest.jsonl").read_text().splitlines()]
+    rows[6]["label"] = None  # no label: the classifier has nothing to agree with
+    (gen_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = tmp_path / "scores.csv"
+    scores.write_text("file,score\n" + "".join(f"{i:05d}.png,{0.9 if i % 2 else 0.1}\n" for i in range(6)))
+    out = tmp_path / "release"
+    summary = export_dataset(gen_dir, out, ExportOptions(format="imagefolder", label_scores=scores))
+    assert {f["name"]: f["removed"] for f in summary["filters"]} == {"duplicates": 1, "conditioning": 0}
+    meta = {json.loads(x)["index"]: json.loads(x) for p in out.rglob("metadata.jsonl") for x in p.read_text().splitlines()}
+    assert sorted(meta) == [0, 1, 2, 3, 4, 6]
+    assert meta[6]["filters_passed"] == ["duplicates"]
+    assert meta[0]["filters_passed"] == ["duplicates", "conditioning"]

@@ -204,7 +204,6 @@ def export_dataset(gen_dir: str | os.PathLike, out: str | os.PathLike, opts: Exp
     if not rows:
         raise ConfigError("the filters removed every image; nothing to export", file=gen_dir,
                           fix="see the counts above; loosen --label-threshold or check the evaluation")
-    passed = [f.name for f in applied]
     for f in applied:
         log.info("filter %s removed %d image(s)", f.name, len(f.removed))
 
@@ -218,7 +217,10 @@ def export_dataset(gen_dir: str | os.PathLike, out: str | os.PathLike, opts: Exp
     tmp.mkdir(parents=True)
     (tmp / _MARK).touch()
     shards = _shards(rows, opts.shard_size)
-    files = WRITERS[opts.format](tmp, gen_dir, shards, lambda r: _metadata(r, passed))
+    def passed(row: dict[str, Any]) -> list[str]:
+        return [f.name for f in applied if f.checked is None or row["file"] in f.checked]
+
+    files = WRITERS[opts.format](tmp, gen_dir, shards, lambda r: _metadata(r, passed(r)))
     summary = {
         "source": str(gen_dir.resolve()), "format": opts.format, "shard_size": opts.shard_size, "shards": len(shards),
         "images_in": total, "images_out": len(rows), "filters": [f.summary() for f in applied],

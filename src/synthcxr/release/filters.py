@@ -25,6 +25,7 @@ from synthcxr.errors import ConfigError, DataError
 
 POSITIVE = {"label": "tuberculosis"}
 """The class whose probability a conditioning score gives (the utility classifier's positive class)."""
+NEGATIVE = {"label": "normal"}
 
 
 @dataclass
@@ -33,6 +34,8 @@ class FilterResult:
     removed: list[str] = field(default_factory=list)
     """File names (relative to the generation folder) the filter removed."""
     note: str = ""
+    checked: set[str] | None = None
+    """Files the filter looked at (None: all); only these record it in `filters_passed`."""
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "removed": len(self.removed), "note": self.note, "examples": self.removed[:10]}
@@ -133,16 +136,17 @@ def read_scores(path: Path) -> dict[str, float]:
 def conditioning(rows: list[dict[str, Any]], scores: dict[str, float], threshold: float, source: Path,
                  attr: str = "label") -> FilterResult:
     """Drop images whose classifier score disagrees with the label they were generated for."""
-    positive = POSITIVE[attr]
+    positive, negative = POSITIVE[attr], NEGATIVE[attr]
     result = FilterResult("conditioning", note=f"the real-trained classifier's {positive} probability "
-                          f">= {threshold} exactly when the image was generated as {positive}")
-    missing = [r["file"] for r in rows if r.get(attr) is not None and Path(r["file"]).name not in scores]
+                          f">= {threshold} exactly when the image was generated as {positive} (images generated "
+                          f"as {negative} or {positive} only)", checked=set())
+    rows = [r for r in rows if r.get(attr) in (positive, negative)]  # other findings: the classifier cannot say
+    missing = [r["file"] for r in rows if Path(r["file"]).name not in scores]
     if missing:
         raise ConfigError(f"{len(missing)} labelled image(s) have no score (e.g. {missing[0]})", file=source,
                           fix="score every image of the generation folder, or export without --label-scores")
     for row in rows:
-        if row.get(attr) is None:
-            continue
+        result.checked.add(row["file"])
         agrees = (scores[Path(row["file"]).name] >= threshold) == (row[attr] == positive)
         if not agrees:
             result.removed.append(row["file"])
