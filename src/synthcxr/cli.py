@@ -17,6 +17,7 @@ from synthcxr.evaluate.commands import evaluate
 from synthcxr.generate.commands import generate
 from synthcxr.grid.commands import grid
 from synthcxr.models.commands import app as model_app
+from synthcxr.privacy.commands import app as privacy_app
 from synthcxr.release.commands import export_dataset
 from synthcxr.report.commands import report
 from synthcxr.study.commands import app as study_app
@@ -56,6 +57,7 @@ def root(
 
 app.add_typer(data_app, name="data", help="Read, check and split chest X-ray data sets.")
 app.add_typer(model_app, name="model", help="Model utilities (tiny test models, inspection).")
+app.add_typer(privacy_app, name="privacy", help="Patient re-identification network (train-reid).")
 app.command("train", help="Fine-tune a model (DreamBooth, LoRA, full) from a YAML config.")(train)
 app.command("generate", help="Generate synthetic chest X-rays (PNG or DICOM) from a model or run.")(generate)
 app.command("export-dataset", help="Export generated images as a loadable data set (image folder, Parquet, WebDataset) with its card.")(export_dataset)

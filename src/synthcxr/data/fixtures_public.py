@@ -32,16 +32,16 @@ def patient_anatomy(rng: np.random.Generator) -> dict[str, Any]:
         "body_rx": u(0.36, 0.47), "lung_dx": u(0.14, 0.24), "lung_rx": u(0.11, 0.17), "lung_ry": u(0.22, 0.34),
         "lung_cy": u(0.42, 0.52), "heart_cx": u(0.52, 0.63), "heart_r": u(0.09, 0.17), "spine_w": u(0.02, 0.05),
         "rib_gap": u(0.06, 0.095), "rib_bend": u(0.0, 0.25), "tissue": u(0.6, 0.8),
-        "granulomas": [(0.5 + rng.choice([-1, 1]) * u(0.1, 0.28), u(0.25, 0.7), u(0.012, 0.03))
-                       for _ in range(int(rng.integers(1, 4)))],
+        "granulomas": [(0.5 + rng.choice([-1, 1]) * u(0.1, 0.28), u(0.25, 0.7), u(0.025, 0.045))
+                       for _ in range(int(rng.integers(2, 5)))],
     }
 
 
 def patient_xray(size: int, anatomy: dict[str, Any], rng: np.random.Generator, abnormal: bool = False) -> np.ndarray:
     """One float32 image in [0, 1] of the patient described by `anatomy`, with this image's own
-    positioning (shift up to 4% of the side, a degree of tilt), exposure and noise."""
+    positioning (shift up to 3% of the side, a degree of tilt), exposure and noise."""
     a = anatomy
-    shift_x, shift_y = rng.uniform(-0.04, 0.04, 2)
+    shift_x, shift_y = rng.uniform(-0.03, 0.03, 2)
     tilt = math.radians(rng.uniform(-1.5, 1.5))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     xx, yy = xx - 0.5 - shift_x, yy - 0.5 - shift_y

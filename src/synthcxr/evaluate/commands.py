@@ -15,8 +15,8 @@ def evaluate(
     test: Annotated[Path | None, typer.Option("--test", help="Real held-out test images for the classifier.")] = None,
     split: Annotated[Path | None, typer.Option("--split", help="Saved patient-level split of --train (e.g. a run's splits.json): the classifier is tested on its test patients.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results JSON (written atomically).")] = None,
-    extractor: Annotated[str | None, typer.Option("--extractor", help="inception | xrv | random | timm:NAME | torchvision:NAME")] = None,
-    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of fidelity,diversity,memorization,utility.")] = None,
+    extractor: Annotated[str | None, typer.Option("--extractor", help="inception | xrv | random | timm:NAME | torchvision:NAME | dinov2 | raddino | clip")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of fidelity,diversity,memorization,utility (default) and cmmd,reid.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with EvaluateConfig keys.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set fidelity.ci_groups=10")] = None,
 ) -> None:
@@ -57,6 +57,16 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"{kid['subsets']} subsets of {kid['subset_size']}"))
         for key in ("precision", "recall", "density", "coverage"):
             rows.append((key.capitalize(), *_ci(fid[key], digits=3), f"k={fid['prdc_k']}"))
+    for table in results.get("fidelity_by_extractor") or []:
+        name = table["extractor"]["name"] + ("" if table.get("extractor_pretrained", True) else ", random weights")
+        rows.append((f"FD ({name})", *_ci(table["fid"], digits=3), f"{table['n_real']} real / {table['n_fake']} synthetic"))
+        rows.append((f"KID ({name})", f"{table['kid']['mean']:.5f}", _ci(table["kid"], "mean", 5)[1], ""))
+        for key in ("precision", "recall"):
+            rows.append((f"{key.capitalize()} ({name})", *_ci(table[key], digits=3), f"k={table['prdc_k']}"))
+    cm = results.get("cmmd")
+    if cm:
+        name = cm["extractor"]["name"] + ("" if cm.get("extractor_pretrained", True) else ", random weights")
+        rows.append((f"CMMD ({name})", *_ci(cm, digits=4), f"sigma={cm['sigma']:g}, x{cm['scale']:g}"))
     div = results.get("diversity")
     if div:
         for role in ("synthetic", "real"):
@@ -74,6 +84,11 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         null = (f"q={cal['quantile']:g} of {cal['n_null']} {cal['null']} real images, "
                 f"{th['copy_similarity'].get('null_above', 0)} above" if cal["null"] != "none" else "fallback thresholds")
         rows.append(("Flagged near-copies", str(mem["n_flagged"]), "", f"of {mem['n_synthetic']} synthetic; {null}"))
+    reid = results.get("reid")
+    if reid and reid.get("score"):
+        rows.append(("Re-ID score (mean)", f"{reid['score']['mean']:.4f}", "", f"max {reid['score']['max']:.4f}"))
+        rows.append(("Re-ID above threshold", f"{reid['n_above']} ({reid['fraction_above']:.1%})", "",
+                     f"threshold {reid['threshold']:.3f} at {reid.get('fmr') or 0:.0%} false matches"))
     util = results.get("utility")
     if util:
         rows += utility_rows(util)

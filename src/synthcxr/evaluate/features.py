@@ -10,6 +10,8 @@ Metrics take feature arrays (MONAI's habit); extractors are separate and swappab
 - `xrv`: torchxrayvision's chest-X-ray DenseNet-121 (1024-d), from a local weights file.
 - `torchvision:NAME` / `timm:NAME`: any backbone by name; random init with `pretrained: false`.
 - `random`: a seeded random-init CNN; fast, deterministic, for tests and smoke runs only.
+- `dinov2[:VARIANT]`, `raddino`, `clip[:VARIANT]`: transformers checkpoints from a local folder or the
+  hub cache (`extractors_hf`; FD-DINOv2 as dgm-eval, RAD-DINO, CLIP for CMMD).
 
 An extractor with random weights (`random`, or torchvision/timm with `pretrained: false` and no
 `weights`) says so in `describe()` (`pretrained: false`) and `weights_warning`: distances in its
@@ -54,10 +56,12 @@ class ExtractorConfig(StrictModel):
     """Which network turns images into features."""
 
     name: str = "inception"
-    """`inception`, `xrv`, `random`, `torchvision:NAME` or `timm:NAME` (e.g. `timm:resnet18`)."""
+    """`inception`, `xrv`, `random`, `torchvision:NAME`, `timm:NAME` (e.g. `timm:resnet18`), `dinov2`
+    (ViT-L/14; `dinov2:vits14|vitb14|vitg14`), `raddino`, `clip` (ViT-L/14-336; `clip:vitb32|vitb16`)."""
 
     weights: Path | None = None
-    """Local weights file: TorchScript for inception, a torchxrayvision .pt for xrv, a state dict otherwise."""
+    """Local weights: TorchScript for inception, a torchxrayvision .pt for xrv, a checkpoint folder
+    (config.json + weights) for dinov2/raddino/clip, a state dict otherwise."""
 
     pretrained: bool = True
     """torchvision/timm: load the library's pretrained weights (needs them cached or a network); false = random init."""
@@ -361,8 +365,18 @@ EXTRACTORS: dict[str, Callable[[ExtractorConfig, str, Path | None], FeatureExtra
     "torchvision": _build_torchvision,
     "timm": _build_timm,
     "random": _build_random,
+    "dinov2": lambda *a: _hf("build_dino", *a),
+    "raddino": lambda *a: _hf("build_dino", *a),
+    "clip": lambda *a: _hf("build_clip", *a),
 }
-EXTRACTOR_HELP = ("inception", "xrv", "random", "torchvision:NAME", "timm:NAME")
+EXTRACTOR_HELP = ("inception", "xrv", "random", "torchvision:NAME", "timm:NAME", "dinov2[:VARIANT]", "raddino",
+                  "clip[:VARIANT]")
+
+
+def _hf(builder: str, cfg: ExtractorConfig, device: str, cache_dir: Path | None) -> FeatureExtractor:
+    from synthcxr.evaluate import extractors_hf
+
+    return getattr(extractors_hf, builder)(cfg, device, cache_dir)
 
 
 def build_extractor(cfg: ExtractorConfig, cache_dir: Path | None = None) -> FeatureExtractor:

@@ -12,6 +12,9 @@ KID  = unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / D + 1)^3
        2018), averaged over random subsets, as torchmetrics/clean-fid do.
 PRDC = Naeem et al. 2020 with k nearest neighbours in Euclidean feature space (k=5 by default, as
        CheXGenBench), identical to the `prdc` reference package.
+CMMD = 1000 * MMD^2 with the Gaussian kernel exp(-||x - y||^2 / (2 * 10^2)) on CLIP embeddings
+       (Jayasumana et al. 2024), the plug-in estimate over all pairs as google-research/cmmd's
+       `distance.mmd` computes it (its scale and sigma; `cmmd`).
 CIs  = two-sample delete-a-group jackknife (see `jackknife_intervals`). Not the bootstrap: resampling
        with replacement puts duplicate images into KID's within-set kernel sums, FID's covariances
        and the k-NN radii (a duplicate is its own neighbour at distance 0), so bootstrap replicates
@@ -197,7 +200,7 @@ CI_METHOD = ("two-sample delete-a-group jackknife: estimate +/- t * SE, SE^2 = s
 
 #: The range each statistic lives in: interval ends outside it are clipped (the estimate always lies inside).
 #: KID is not clipped below: its unbiased estimate is negative when the sets are alike, and the interval must hold it.
-_RANGES = {"fid": (0.0, np.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "density": (0.0, np.inf),
+_RANGES = {"fid": (0.0, np.inf), "cmmd": (0.0, np.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "density": (0.0, np.inf),
            "coverage": (0.0, 1.0)}
 
 
@@ -311,6 +314,54 @@ def fidelity_metrics(real: np.ndarray, fake: np.ndarray, *, fid_method: str = "s
     for key, val in prdc_vals.items():
         results[key] = {"value": val, **_interval(intervals, key)}
     return results, warnings
+
+
+CMMD_SIGMA = 10.0
+CMMD_SCALE = 1000.0
+
+
+def rbf_kernel(x: np.ndarray, y: np.ndarray, sigma: float = CMMD_SIGMA) -> np.ndarray:
+    """exp(-||x - y||^2 / (2 sigma^2)) for every pair of rows."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return np.exp(-np.clip(sq, 0, None) / (2.0 * sigma * sigma))
+
+
+class RBFKernelMatrices:
+    """Gaussian kernel matrices of the full sets; `cmmd(ir, jf)` is CMMD of any subsets (jackknife)."""
+
+    def __init__(self, real: np.ndarray, fake: np.ndarray, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE):
+        self.scale = scale
+        self.k_rr, self.k_ff, self.k_rf = rbf_kernel(real, real, sigma), rbf_kernel(fake, fake, sigma), rbf_kernel(real, fake, sigma)
+
+    def cmmd(self, idx_r: np.ndarray | None = None, idx_f: np.ndarray | None = None) -> float:
+        k_rr, k_ff, k_rf = self.k_rr, self.k_ff, self.k_rf
+        if idx_r is not None:
+            k_rr, k_rf = k_rr[np.ix_(idx_r, idx_r)], k_rf[idx_r]
+        if idx_f is not None:
+            k_ff, k_rf = k_ff[np.ix_(idx_f, idx_f)], k_rf[:, idx_f]
+        return float(self.scale * (k_rr.mean() + k_ff.mean() - 2.0 * k_rf.mean()))
+
+
+def cmmd(real: np.ndarray, fake: np.ndarray, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE) -> float:
+    """CMMD between two sets of (L2-normalised CLIP) embeddings: scale * MMD^2 with a Gaussian kernel,
+    all pairs including i = j, as the reference implementation (it is >= 0 and ~0 for one distribution)."""
+    _check(real, fake, 1, "CMMD")
+    return RBFKernelMatrices(real, fake, sigma, scale).cmmd()
+
+
+def cmmd_metric(real: np.ndarray, fake: np.ndarray, *, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE,
+                ci_groups: int = 20, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """CMMD with a jackknife interval (`jackknife_intervals`) for the JSON."""
+    _check(real, fake, 2, "CMMD")
+    kernels = RBFKernelMatrices(real, fake, sigma, scale)
+    value = kernels.cmmd()
+    intervals = jackknife_intervals(lambda ir, jf: {"cmmd": kernels.cmmd(ir, jf)}, {"cmmd": value}, len(real), len(fake),
+                                    ci_groups, seed, level) if ci_groups > 0 else {}
+    return {"value": value, "sigma": sigma, "scale": scale, "n_real": len(real), "n_fake": len(fake),
+            "estimator": "plug-in MMD^2 over all pairs (google-research/cmmd distance.mmd)", "ci_level": level,
+            **_interval(intervals, "cmmd")}
 
 
 def _interval(intervals: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:

@@ -16,15 +16,17 @@ from pydantic import Field, field_validator, model_validator
 
 from synthcxr import __version__
 from synthcxr.config import StrictModel
+from synthcxr.evaluate.feature_spaces import CMMDConfig
 from synthcxr.evaluate.features import ExtractorConfig
 from synthcxr.evaluate.memorization import CopySearch
+from synthcxr.evaluate.reid import ReidEvalConfig
 from synthcxr.evaluate.utility import UtilityConfig
 from synthcxr.fileio import atomic_write_json
 from synthcxr.logging_utils import get_logger
 
 log = get_logger(__name__)
 
-Metric = Literal["fidelity", "diversity", "memorization", "utility"]
+Metric = Literal["fidelity", "diversity", "memorization", "utility", "cmmd", "reid"]
 ALL_METRICS: list[Metric] = ["fidelity", "diversity", "memorization", "utility"]
 
 
@@ -143,6 +145,12 @@ class EvaluateConfig(StrictModel):
     diversity: DiversityConfig = Field(default_factory=DiversityConfig)
     memorization: MemorizationConfig = Field(default_factory=MemorizationConfig)
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
+    extractors: list[ExtractorConfig] = Field(default_factory=list)
+    """More feature spaces for FID/KID/PRDC, one table each beside `extractor`'s (e.g. dinov2, raddino)."""
+    cmmd: CMMDConfig = Field(default_factory=CMMDConfig)
+    """The `cmmd` metric (CLIP embeddings); not in the default metrics: it needs CLIP weights."""
+    reid: ReidEvalConfig = Field(default_factory=ReidEvalConfig)
+    """The `reid` metric (patient re-identification); needs a network from `synthcxr privacy train-reid`."""
     cache: bool = True
     """Cache features by image content hash, so a re-evaluation computes only new images."""
     cache_dir: Path | None = None
@@ -247,6 +255,28 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         warnings += warn
         timings["fidelity"] = time.perf_counter() - t0
 
+    # 3b. fidelity in more feature spaces, and CMMD (each result names its extractor)
+    if "fidelity" in cfg.metrics and cfg.extractors:
+        from synthcxr.evaluate.feature_spaces import extra_fidelity
+
+        t0 = time.perf_counter()
+        fc = cfg.fidelity
+        results["fidelity_by_extractor"], warn = extra_fidelity(
+            cfg.extractors, sets, {"fid_method": fc.fid_method, "kid_subsets": fc.kid_subsets, "kid_subset_size":
+                                   fc.kid_subset_size, "k": fc.k, "ci_groups": fc.ci_groups, "level": fc.ci_level,
+                                   "seed": cfg.seed},
+            cache_dir=cache_dir, cache=cfg.cache, on_error=cfg.on_error, images=images)
+        warnings += warn
+        timings["fidelity_by_extractor"] = time.perf_counter() - t0
+    if "cmmd" in cfg.metrics:
+        from synthcxr.evaluate.feature_spaces import cmmd_check
+
+        t0 = time.perf_counter()
+        results["cmmd"], warn = cmmd_check(cfg.cmmd, sets, cache_dir=cache_dir, cache=cfg.cache, on_error=cfg.on_error,
+                                           level=cfg.fidelity.ci_level, seed=cfg.seed, images=images)
+        warnings += warn
+        timings["cmmd"] = time.perf_counter() - t0
+
     # 4. diversity: MS-SSIM within each set
     if "diversity" in cfg.metrics:
         t0 = time.perf_counter()
@@ -283,6 +313,27 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             warnings.append(f"memorization: {results['memorization']['n_flagged']} synthetic image(s) are near copies "
                             f"of training images; see {pairs_dir}")
         timings["memorization"] = time.perf_counter() - t0
+
+    # 5b. patient re-identification: is a synthetic image another image of a training patient?
+    if "reid" in cfg.metrics:
+        if cfg.reid.weights is None:
+            skipped["reid"] = ("no re-identification network: train one with `synthcxr privacy train-reid --data SET "
+                               "--out DIR` and pass --set reid.weights=DIR/reid.pt")
+        else:
+            from synthcxr.evaluate.features import resolve_device
+            from synthcxr.evaluate.reid import reid_check
+
+            t0 = time.perf_counter()
+            results["reid"], warn = reid_check(
+                sets["fake"].paths, train_set.paths, cfg.reid, device=resolve_device(cfg.extractor.device),
+                pairs_dir=(cfg.reid.pairs_dir or cfg.out.with_name(f"{cfg.out.stem}_reid_pairs")) if cfg.reid.top_pairs else None,
+                images=images)
+            results["reid"]["train_source"] = "train" if cfg.train is not None else "real"
+            warnings += warn
+            if results["reid"]["n_above"]:
+                warnings.append(f"re-identification: {results['reid']['n_above']} synthetic image(s) score above the "
+                                f"threshold for showing a training patient ({results['reid']['threshold']:.3f})")
+            timings["reid"] = time.perf_counter() - t0
 
     # 6. downstream utility and conditioning fidelity
     if "utility" in cfg.metrics:

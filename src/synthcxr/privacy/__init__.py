@@ -1,0 +1,1 @@
+"""Privacy: patient re-identification (a Siamese verification network) for synthetic chest X-rays."""
