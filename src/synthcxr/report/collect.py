@@ -227,9 +227,9 @@ CURATED: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
 """The headline numbers of synthcxr's own evaluation JSON, in the order the report shows them."""
 
 
-def _curated(data: dict[str, Any]) -> list[Metric]:
+def _curated(data: dict[str, Any], curated: list[tuple[str, tuple[str, ...], tuple[str, ...]]] | None = None) -> list[Metric]:
     out = []
-    for name, path, keys in CURATED:
+    for name, path, keys in CURATED if curated is None else curated:
         node: Any = data
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None
@@ -239,6 +239,25 @@ def _curated(data: dict[str, Any]) -> list[Metric]:
             metric = _metric_from(name, {**node, "value": value})
             if metric is not None:
                 out.append(metric)
+    if curated is None:
+        out += _feature_spaces(data)
+    return out
+
+
+def _feature_spaces(data: dict[str, Any]) -> list[Metric]:
+    """Fidelity in each extra feature space as `fid[dinov2]`, ..., CMMD as `cmmd[clip]`, and re-ID scores:
+    one column group per extractor, so numbers of different feature spaces never share a column."""
+    out: list[Metric] = []
+    fidelity = [row for row in CURATED if row[1][0] == "fidelity"]
+    for table in data.get("fidelity_by_extractor") or []:
+        if isinstance(table, dict):
+            name = (table.get("extractor") or {}).get("name", "extra")
+            out += _curated(table, [(f"{col}[{name}]", path[1:], keys) for col, path, keys in fidelity])
+    cmmd = data.get("cmmd")
+    if isinstance(cmmd, dict) and (metric := _metric_from(f"cmmd[{(cmmd.get('extractor') or {}).get('name', 'clip')}]", cmmd)):
+        out.append(metric)
+    out += _curated(data, [("reid.mean", ("reid", "score"), ("mean",)), ("reid.max", ("reid", "score"), ("max",)),
+                           ("reid.fraction_above", ("reid", "fraction_above"), ())])
     return out
 
 
@@ -248,7 +267,7 @@ def extract_metrics(data: dict[str, Any], prefix: str = "", depth: int = 0) -> l
     synthcxr's own results give the curated headline list; any other JSON falls back to every
     number found, named by its JSON path.
     """
-    if depth == 0 and not prefix and any(k in data for k in ("fidelity", "diversity", "memorization", "utility")):
+    if depth == 0 and not prefix and any(k in data for k in ("fidelity", "diversity", "memorization", "utility", "cmmd", "reid")):
         return _curated(data)
     return _generic_metrics(data, prefix, depth)
 
