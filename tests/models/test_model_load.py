@@ -161,7 +161,17 @@ def test_single_file_without_config_offline_says_what_to_pass(tiny_pipe, tmp_pat
     assert "single-file-config" in str(err.value) and str(path) in str(err.value)
 
 
+def _import_pipeline_classes() -> None:
+    """Import diffusers' pipeline classes before a timed block, so it times the failure, not the import
+    (tens of seconds on a loaded machine)."""
+    from synthcxr.models.families import FAMILIES
+
+    for family in FAMILIES.values():
+        family.pipeline_cls()
+
+
 def test_hub_id_offline_fails_at_once_with_local_path_advice(monkeypatch):
+    _import_pipeline_classes()
     start = time.monotonic()
     with pytest.raises(ModelError) as err:
         load_pipeline("runwayml/stable-diffusion-v1-5")
@@ -173,6 +183,7 @@ def test_hub_id_offline_fails_at_once_with_local_path_advice(monkeypatch):
 def test_hub_id_without_offline_env_but_no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(load_mod, "hub_reachable", lambda timeout=3.0: False)
+    _import_pipeline_classes()
     start = time.monotonic()
     with pytest.raises(ModelError, match="local"):
         load_pipeline("stabilityai/stable-diffusion-2-1")
