@@ -137,3 +137,20 @@ def test_evaluate_reports_one_table_per_extractor_and_cmmd(image_sets, tmp_path)
     assert res["cmmd"]["extractor"]["name"] == "clip:vitb32" and res["cmmd"]["value"] >= 0
     assert "FD (dinov2:vits14, random weights)" in result.output and "CMMD (clip:vitb32" in result.output
     assert sum("random, untrained weights" in w for w in res["warnings"]) == 3
+
+
+def test_fd_on_any_features_matches_the_frechet_formula_of_dgm_eval():
+    """dgm-eval's FD (mean/cov in float64, Tr sqrt(S1 S2)) written independently via the eigenvalues of S1 S2,
+    on DINOv2-sized features with fewer images than dimensions (the rank-deficient case)."""
+    from synthcxr.evaluate.fidelity import fid
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(300, 384)).astype(np.float32)
+    b = (rng.normal(size=(250, 384)) * 1.1 + 0.2).astype(np.float32)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    s1, s2 = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
+    eig = np.linalg.eigvals(s1 @ s2)
+    trace_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    diff = a64.mean(0) - b64.mean(0)
+    ref = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert fid(a, b, "svd") == pytest.approx(ref, rel=1e-5)
