@@ -3,6 +3,9 @@
 It has the real architecture classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
 CLIPTokenizer), so every code path that works on it works on SD 1.x/2.x weights; only sizes differ.
 The tokenizer is a byte-level BPE with no merges (every character is a token), written locally.
+
+Optionally its VAE is fitted to a folder of chest X-rays (`vae_data`, tiny_vae.py) so its decoder
+renders them: the demo's base model, whose denoiser is still random until fine-tuned.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 from pathlib import Path
 
 from synthcxr.logging_utils import get_logger
+from synthcxr.models.tiny_vae import VaeFit, fit_saved_vae
 
 log = get_logger(__name__)
 
@@ -129,8 +133,13 @@ def build_tiny_pipeline(
     )
 
 
-def make_tiny_model(out_dir: str | Path, *, sample_size: int = 64, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it as a diffusers folder that `load_pipeline` reads."""
+def make_tiny_model(out_dir: str | Path, *, sample_size: int = 64, prediction_type: str = "epsilon", seed: int = 0,
+                    vae_data: str | Path | None = None, vae_fit: VaeFit | None = None) -> Path:
+    """Build the tiny pipeline and save it as a diffusers folder that `load_pipeline` reads.
+
+    With `vae_data` its VAE is then fitted to those images (models/tiny_vae.py), so that what a
+    denoiser learns can show; without it every part keeps its random weights (fast, for tests).
+    """
     from synthcxr.models.load import library_progress_bars_off
 
     out_dir = Path(out_dir)
@@ -141,5 +150,7 @@ def make_tiny_model(out_dir: str | Path, *, sample_size: int = 64, prediction_ty
         json.dumps({"sample_size": sample_size, "prediction_type": prediction_type, "seed": seed,
                     "note": "random weights; for tests and demos only"})
     )
+    if vae_data is not None:
+        fit_saved_vae(out_dir, vae_data, vae_fit or VaeFit(seed=seed))
     log.info("tiny model written to %s", out_dir)
     return out_dir
