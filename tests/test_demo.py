@@ -1,4 +1,7 @@
-"""`synthcxr demo` end to end: the whole pipeline on the tiny model, then a resumed re-run."""
+"""`synthcxr demo` end to end: the whole pipeline on the tiny model, then a resumed re-run.
+
+Kept fast (a few VAE and training steps, random-init features); whether the default demo really
+learns chest X-rays in five minutes is measured by benchmarks/demo.py (see BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     from synthcxr.cli import main
 
     out = tmp_path / "demo"
+    fast = ["--steps", "4", "--vae-steps", "10", "--random-features"]
     started = time.perf_counter()
-    main(["demo", "--out", str(out)])
+    main(["demo", "--out", str(out), *fast])
     first = time.perf_counter() - started
-    printed = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    printed = captured.out.strip().splitlines()
     report = out / "grid" / "report.html"
     assert printed[-1] == str(report)  # the report's path is what the command prints
     html = report.read_text()
@@ -28,8 +33,17 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert len((run_dir / "images" / "manifest.jsonl").read_text().splitlines()) == 8
         results = json.loads((run_dir / "eval.json").read_text())
         assert results["fidelity"]["fid"]["value"] >= 0
+    # the base model, sampled with the same prompts and seeds, stands beside the runs with the KID change
+    base_manifest = (out / "grid" / "runs" / "baseline" / "images" / "manifest.jsonl").read_text().splitlines()
+    run_manifest = (out / "grid" / "runs" / "lora-adamw" / "images" / "manifest.jsonl").read_text().splitlines()
+    assert [(json.loads(a)["prompt"], json.loads(a)["seed"]) for a in base_manifest] == \
+        [(json.loads(b)["prompt"], json.loads(b)["seed"]) for b in run_manifest]
+    assert 'id="vs-baseline"' in html and "<b>lora-adamw</b>: KID" in html
+    assert "fine-tuned vs base model, lora-adamw: KID" in captured.err
+    tiny = json.loads((out / "model" / "synthcxr_tiny.json").read_text())
+    assert tiny["vae"]["steps"] == 10 and tiny["vae"]["data"] == str((out / "data").resolve())
     analysis = json.loads((out / "grid" / "study" / "analysis.json").read_text())
-    assert {g["group"] for g in analysis["groups"]} == {"real", "lora-adamw", "dreambooth-prodigy"}
+    assert {g["group"] for g in analysis["groups"]} == {"real", "baseline", "lora-adamw", "dreambooth-prodigy"}
     assert 'alt="training loss curves"' in html and 'alt="sample"' in html and "realism" in html
     summary = (out / "grid" / "summary.csv").read_text()
     assert "lora-adamw" in summary and "dreambooth-prodigy" in summary
@@ -37,10 +51,27 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     # a second run reuses every finished step
     mtime = (out / "grid" / "runs" / "lora-adamw" / "eval.json").stat().st_mtime
     started = time.perf_counter()
-    main(["demo", "--out", str(out)])
+    main(["demo", "--out", str(out), *fast])
     second = time.perf_counter() - started
     status = json.loads((out / "grid" / "status.json").read_text())
-    for run in status["runs"].values():
-        assert run["steps"] == {"train": "skipped", "generate": "skipped", "evaluate": "skipped"}
+    for name, run in status["runs"].items():
+        train = "none" if name == "baseline" else "skipped"
+        assert run["steps"] == {"train": train, "generate": "skipped", "evaluate": "skipped"}
     assert (out / "grid" / "runs" / "lora-adamw" / "eval.json").stat().st_mtime == mtime
     assert second < first
+
+
+def test_demo_refuses_a_folder_whose_model_was_fitted_to_other_data(tmp_path, capsys):
+    import json as _json
+
+    from synthcxr.cli import main
+
+    model = tmp_path / "demo" / "model"
+    model.mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "synthcxr_tiny.json").write_text(_json.dumps({"vae": {"data": "/elsewhere"}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "/elsewhere" in err and "new --out" in err
+    assert sorted(p.name for p in model.iterdir()) == ["model_index.json", "synthcxr_tiny.json"]

@@ -1,10 +1,13 @@
-"""`synthcxr demo`: the whole study, tiny, on a CPU, in a couple of minutes.
+"""`synthcxr demo`: a model learning chest X-rays, the whole study, tiny, on a CPU, in minutes.
 
-It builds a tiny random Stable Diffusion model and a small chest X-ray data set (or uses `--data`,
-e.g. the real Shenzhen/Montgomery sample), then runs a two-run grid — LoRA + AdamW and
-DreamBooth + Prodigy, a few steps at 64 px — through generation, evaluation and a reader study
-answered by simulated readers, and writes the HTML report. The grid it runs is saved as
-`OUT/demo_grid.yaml`, a starting point for a real grid. Re-running reuses every finished step.
+It makes a small chest X-ray data set (or uses `--data`, e.g. the real Shenzhen/Montgomery
+sample) and a tiny Stable Diffusion model whose autoencoder is fitted to that data (a random one
+decodes everything to noise, so nothing learnt would show) while its denoiser stays random. Then a
+grid — the base model as it is (`baseline`), LoRA + AdamW and DreamBooth + Prodigy, a few hundred
+steps at 64 px — goes through generation (same prompts and seeds for every run), evaluation
+(Inception KID/FID against the data) and a reader study answered by simulated readers, and the
+HTML report shows each run's samples beside the base model's with the KID change. The grid is
+saved as `OUT/demo_grid.yaml`, a starting point for a real grid. Re-running reuses every finished step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from typing import Annotated, Any
 import typer
 
 DEFAULT_OUT = Path("synthcxr-demo")
+DEFAULT_STEPS = 200
+"""Training steps per run: enough for the random denoiser to learn the coarse anatomy at 64 px."""
+DEFAULT_VAE_STEPS = 300
+DEMO_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 PROMPTS_CSV = "label,sex,age,n\ntuberculosis,male,45,2\ntuberculosis,female,38,2\nnormal,male,52,2\nnormal,female,29,2\n"
 """Conditioned prompts for generation: both labels and sexes, so utility and conditioning checks have data."""
 
@@ -27,8 +34,9 @@ def demo_grid(model: Path, data: Path, prompts_csv: Path, steps: int, extractor:
         "base": {
             "model": {"path": str(model)},
             "data": {"path": str(data), "resolution": 64, "split": {"val": 0.2, "test": 0.0, "seed": 0}},
-            "method": {"name": "lora", "rank": 4},
-            "optimizer": {"name": "adamw", "lr": 1e-3},
+            # the denoiser is random: LoRA needs a high rank, a high rate and the attention blocks' MLPs too
+            "method": {"name": "lora", "rank": 16, "target_modules": DEMO_LORA_TARGETS},
+            "optimizer": {"name": "adamw", "lr": 1e-2},
             "train": {
                 "max_steps": steps, "batch_size": 2, "seed": 0, "log_every": 1, "checkpoint_every": steps,
                 "keep_checkpoints": 1, "validate_every": max(1, steps // 2), "validation_steps": 2,
@@ -41,13 +49,14 @@ def demo_grid(model: Path, data: Path, prompts_csv: Path, steps: int, extractor:
             "optimizer": {"adamw": {}, "prodigy": {"optimizer.lr": 1.0, "optimizer.weight_decay": 0.0}},
         },
         "exclude": [{"method": "lora", "optimizer": "prodigy"}, {"method": "dreambooth", "optimizer": "adamw"}],
+        "baseline": True,
         "generate": {"prompts_csv": str(prompts_csv), "seed": 100, "steps": 4, "guidance": 1.0, "scheduler": "ddim",
                      "batch_size": 8, "device": "cpu"},
         "evaluate": {
             "real": str(data),
             "metrics": ["fidelity", "diversity", "memorization", "utility"],
             "extractor": {"name": extractor, "device": "cpu", "batch_size": 16},
-            "fidelity": {"bootstrap": 50, "kid_subsets": 20},
+            "fidelity": {"ci_groups": 50, "kid_subsets": 20},
             "diversity": {"image_size": 64, "pairs": 20},
             "memorization": {"ssim_size": 64, "top_pairs": 4},
             "utility": {"image_size": 32, "epochs": 1, "n_boot": 50, "sex": False},
@@ -74,16 +83,29 @@ def _prepare_data(out: Path, data: Path | None) -> Path:
     return root.resolve()
 
 
-def _prepare_model(out: Path) -> Path:
-    model = out / "model"
-    if not (model / "model_index.json").is_file():
-        from synthcxr.models.tiny import make_tiny_model
+def _prepare_model(out: Path, data: Path, vae_steps: int) -> Path:
+    """The tiny model, its VAE fitted to `data` (reused when it was fitted to the same data)."""
+    import json
 
-        make_tiny_model(model, sample_size=64)
+    from synthcxr.errors import ConfigError
+
+    model = out / "model"
+    info = model / "synthcxr_tiny.json"
+    if (model / "model_index.json").is_file() and info.is_file():
+        fitted_on = (json.loads(info.read_text()).get("vae") or {}).get("data")
+        if fitted_on != str(data):
+            raise ConfigError(f"this demo folder's model was made for other data ({fitted_on or 'a random VAE'})",
+                              file=model, fix="pass a new --out for this data (the existing demo is kept)")
+        return model.resolve()
+    from synthcxr.models.tiny import make_tiny_model
+    from synthcxr.models.tiny_vae import VaeFit
+
+    make_tiny_model(model, sample_size=64, vae_data=data, vae_fit=VaeFit(steps=vae_steps))
     return model.resolve()
 
 
-def run_demo(out: Path = DEFAULT_OUT, data: Path | None = None, *, steps: int = 4, extractor: str = "random") -> tuple[Path, Any]:
+def run_demo(out: Path = DEFAULT_OUT, data: Path | None = None, *, steps: int = DEFAULT_STEPS,
+             extractor: str = "inception", vae_steps: int = DEFAULT_VAE_STEPS) -> tuple[Path, Any]:
     """Run the demo into `out`; returns (report path, grid result)."""
     import yaml
 
@@ -96,9 +118,9 @@ def run_demo(out: Path = DEFAULT_OUT, data: Path | None = None, *, steps: int = 
     log = get_logger(__name__)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # 1. a tiny model and a small data set (both reused when present)
-    model = _prepare_model(out)
+    # 1. a small data set and a tiny model whose VAE is fitted to it (both reused when present)
     data_root = _prepare_data(out, data)
+    model = _prepare_model(out, data_root, vae_steps)
     prompts = out / "prompts.csv"
     if not prompts.is_file():
         atomic_write_text(prompts, PROMPTS_CSV)
@@ -116,16 +138,28 @@ def run_demo(out: Path = DEFAULT_OUT, data: Path | None = None, *, steps: int = 
     return report, result
 
 
+def fine_tune_changes(out: Path) -> list[str]:
+    """'run: KID a -> b (-x% vs the base model)' per fine-tuned run, as the report's summary states it."""
+    from synthcxr.report.build import baseline_changes
+    from synthcxr.report.collect import load_report_data
+
+    return [f"{c['run']}: {c['text']}" for c in baseline_changes(load_report_data(Path(out) / "grid"), ("kid",))]
+
+
 def demo(
     data: Annotated[Path | None, typer.Option("--data", help="Folder with real chest X-rays (e.g. holding ChinaSet_AllFiles/MontgomerySet); default: generated sample data.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; re-running reuses finished steps.")] = DEFAULT_OUT,
-    steps: Annotated[int, typer.Option(help="Training steps per run.")] = 4,
-    inception: Annotated[bool, typer.Option("--inception/--random-features", help="Use the standard Inception FID network (slower) instead of a random-init feature extractor.")] = False,
+    steps: Annotated[int, typer.Option(help="Training steps per run.")] = DEFAULT_STEPS,
+    inception: Annotated[bool, typer.Option("--inception/--random-features", help="Score with the standard Inception FID network (default), or a random-init feature extractor (faster; numbers mean little).")] = True,
+    vae_steps: Annotated[int, typer.Option(help="Steps fitting the tiny model's autoencoder to the data (once; reused on re-runs).")] = DEFAULT_VAE_STEPS,
 ) -> None:
     """Tiny model + sample data -> two-run grid -> generation -> evaluation -> simulated reader study -> report."""
     started = time.perf_counter()
-    report, result = run_demo(out, data, steps=steps, extractor="inception" if inception else "random")
+    report, result = run_demo(out, data, steps=steps, extractor="inception" if inception else "random",
+                              vae_steps=vae_steps)
     typer.echo(result.describe(), err=True)
+    for line in fine_tune_changes(out):
+        typer.echo(f"fine-tuned vs base model, {line}", err=True)
     typer.echo(f"demo took {time.perf_counter() - started:.0f} s; open the report: {report}", err=True)
     typer.echo(str(report))
     if not result.ok:
