@@ -44,6 +44,7 @@ def test_reader_rates_with_keyboard_and_continues_after_reload(study, tmp_path):
             page.wait_for_url(f"{base}/read")
             for n in range(1, 6):
                 page.wait_for_selector(f"text=Image {n} of 13")
+                page.wait_for_selector("body[data-view]")  # the viewer's key handler is in place
                 assert page.eval_on_selector("#xray", "img => img.complete && img.naturalWidth") == 64
                 # Enter before answering shows what is missing and stays on the image
                 if n == 1:
@@ -82,6 +83,7 @@ def _launch(pw):  # noqa: ANN001, ANN202 - playwright objects
 
 
 def _answer_by_keyboard(page, realism: str) -> None:  # noqa: ANN001 - playwright page
+    page.wait_for_selector("body[data-view]")  # the viewer's key handler is in place
     for key in (realism, "r", "h", "n", "Enter"):
         page.keyboard.press(key)
 

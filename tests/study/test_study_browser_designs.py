@@ -72,6 +72,7 @@ def test_paired_study_with_calibration_and_view_tools(tmp_path, folders):
                     assert page.eval_on_selector(img, "i => i.complete && i.naturalWidth") == 64
                 if n == 1:
                     _shot(page, tmp_path, "paired_calibration.png")
+                page.wait_for_selector("body[data-view]")
                 page.keyboard.press("1")  # left is synthetic
                 page.keyboard.press("h")
                 page.keyboard.press("Enter")
@@ -83,6 +84,7 @@ def test_paired_study_with_calibration_and_view_tools(tmp_path, folders):
                     assert "the study itself starts now" in page.content()
                 page.get_by_role("link", name="Continue").click()
             page.wait_for_selector("text=Pair 3 of 8")
+            page.wait_for_selector("body[data-view]")
             assert "Calibration" not in page.inner_text("body")
             # view tools act on both images alike
             page.get_by_role("button", name="Bone").click()
@@ -99,6 +101,7 @@ def test_paired_study_with_calibration_and_view_tools(tmp_path, folders):
             page.keyboard.press("0")
             assert "invert" not in page.get_attribute("#xray", "style")
             for n in (3, 4, 5):  # main pairs: answers go straight on, no feedback
+                page.wait_for_selector("body[data-view]")  # the viewer's key handler is in place
                 page.keyboard.press("2")
                 page.keyboard.press("m")
                 page.keyboard.press("Enter")
