@@ -104,3 +104,25 @@ def tiny_sd3(*, resolution: int = 64, seed: int = 0, tokenizer_dir: Path | None 
                                     text_encoder=text_encoder, tokenizer=_clip_tokenizer(),
                                     text_encoder_2=text_encoder_2, tokenizer_2=_clip_tokenizer(),
                                     text_encoder_3=text_encoder_3, tokenizer_3=t5_tok)
+
+
+def tiny_pixart(*, resolution: int = 64, seed: int = 0) -> Any:
+    """A tiny `PixArtSigmaPipeline`: 1-layer DiT (patch 2, learned sigma), tiny T5, DPM-Solver++."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=resolution // 2, patch_size=2, in_channels=4, out_channels=8, num_layers=1,
+        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, caption_channels=T5_DIM,
+        norm_type="ada_norm_single", use_additional_conditions=False)
+    vae = _vae(resolution, scaling_factor=0.13025)
+    tok = t5_tokenizer(max_length=300)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=1,
+                                           num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                           eos_token_id=1, decoder_start_token_id=0))
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon")
+    return PixArtSigmaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=scheduler)
