@@ -130,3 +130,44 @@ def test_hub_id_family_comes_from_the_cached_model_index(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     assert family_for("org/my-sdxl").name == "sdxl"
     assert family_for("org/not-cached").name == "sd"  # unknown offline: today's default
+
+
+def _sd35_large_header_only(path):
+    """A .safetensors file whose tensor names say SD 3.5 Large (what a user downloads), with tiny tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.joint_blocks.37.x_block.mlp.fc1.weight": torch.zeros(1, 1)}, str(path))
+    return path
+
+
+def test_single_file_whose_config_must_be_given_fails_before_loading(tmp_path, monkeypatch):
+    """Offline, a single SD3 file without model.single_file_config cannot be built (its architecture config
+    lives in a hub repo that is not cached): say so by name before diffusers reads any weights."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from synthcxr.errors import ModelError
+    from synthcxr.models.load import load_pipeline
+
+    path = _sd35_large_header_only(tmp_path / "sd3.5_large.safetensors")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before the config check")
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_single_file", no_loading)
+    with pytest.raises(ModelError) as err:
+        load_pipeline(path)
+    text = str(err.value)
+    assert "Stable Diffusion 3" in text and str(path) in text and "single-file-config" in text
+    assert "stabilityai/stable-diffusion-3.5-large" in text
+
+
+def test_single_file_config_is_checked_with_the_training_config(tmp_path):
+    from synthcxr.errors import ModelError
+    from synthcxr.train.config import TrainConfig
+    from synthcxr.train.family_checks import check_family_config
+
+    path = _sd35_large_header_only(tmp_path / "sd3.5_large.safetensors")
+    cfg = TrainConfig.model_validate({"model": {"path": str(path)}})
+    with pytest.raises(ModelError, match="single_file_config"):
+        check_family_config(cfg)

@@ -154,6 +154,9 @@ def load_pipeline(
     kind = resolve_source(source.location).kind if source.kind == "run" else source.kind
     try:
         if kind == "file":
+            from synthcxr.models.families.single_file import check_single_file_config
+
+            check_single_file_config(Path(source.location).expanduser(), fam, single_file_config)
             pipe = _load_single_file(pipeline_cls, source.location, single_file_config, kwargs)
         elif kind == "hub":
             repo_id, local_only = _hub_local_or_fail(source.location)

@@ -22,6 +22,10 @@ def check_family_config(cfg: Any) -> Any:
     source = resolve_source(cfg.model.path)
     location = resolve_source(source.location).location if source.kind == "run" else source.location
     family = family_for(location, cfg.model.family or source.family, cfg.model.single_file_config)
+    if source.kind == "file" or (source.kind == "run" and Path(location).expanduser().is_file()):
+        from synthcxr.models.families.single_file import check_single_file_config
+
+        check_single_file_config(Path(location).expanduser(), family, cfg.model.single_file_config)
     if cfg.method.name in family.refused_methods:
         raise ConfigError(f"method {cfg.method.name} is not possible for {family.label}: "
                           f"{family.refused_methods[cfg.method.name]}", fix="choose another method.name")

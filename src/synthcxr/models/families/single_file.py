@@ -54,3 +54,28 @@ def infer_single_file_type(path: Path) -> str | None:
             return infer_diffusers_model_type(_HeaderView(handle))
     except Exception:  # unreadable or unusual layout: loading reports the real problem later
         return None
+
+
+def check_single_file_config(path: Path, family: Any, config: Any) -> None:
+    """Fail at once when a single file cannot be built offline: diffusers takes its architecture config
+    (and any components the file lacks, such as SD3's T5) from a hub repo; without `config`, that repo
+    must be cached or the hub reachable. Files whose type is not inferable are left to loading."""
+    if config is not None:
+        return
+    kind = infer_single_file_type(path)
+    if kind is None:
+        return
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+    from huggingface_hub import try_to_load_from_cache
+
+    from synthcxr.errors import ModelError
+    from synthcxr.models.load import hub_reachable
+
+    repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS.get(kind, {}).get("pretrained_model_name_or_path")
+    if repo is None or isinstance(try_to_load_from_cache(repo, "model_index.json"), str) or hub_reachable():
+        return
+    raise ModelError(f"single-file {family.label} checkpoint ({kind}): its architecture config comes from {repo}, "
+                     "which is not in the local Hugging Face cache, and the hub cannot be reached", file=path,
+                     fix=f"set model.single_file_config (generate: --single-file-config DIR) to a local diffusers "
+                     f"folder of the same architecture (e.g. a download of {repo}), or convert the file to a "
+                     "diffusers folder")
