@@ -84,6 +84,20 @@ def test_example_configs_are_valid(path):
     assert cfg.optimizer.name in path.stem.split("_", 1)[1]
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_one_example_config_per_family(family):
+    """configs/<family>_lora_adamw.yaml names its family and passes the family's own checks (no min-SNR
+    or prediction_type on a flow-matching family; a resolution its VAE and patch size take)."""
+    from synthcxr.models.families import get_family
+
+    cfg = load_train_config(CONFIGS / f"{family}_lora_adamw.yaml")
+    fam = get_family(family)
+    assert cfg.model.family == family and cfg.method.name == "lora" and cfg.optimizer.name == "adamw"
+    assert cfg.data.resolution == fam.sample.resolution
+    if fam.objective == "flow":
+        assert cfg.train.min_snr_gamma is None and cfg.model.prediction_type is None
+
+
 @pytest.mark.parametrize(("override", "key", "words"), [
     ("optimizer.lr=-1", "optimizer.lr", "must be > 0"),
     ("optimizer.lr=0", "optimizer.lr", "must be > 0"),
