@@ -39,7 +39,9 @@ def test_shards_split_whole_batches_statically():
     assert taken == [[0, 9, 18], [3, 12], [6, 15]]
     resumed = [b for b in batches if b[0][0].index != 9]  # batch 1 of shard 0 already done
     assert [b[0][0].index for b in Shard(0, 3).batches(resumed, 3)] == [0, 18]  # the others keep their batches
-    assert Shard.from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2, group=True)
+    assert Shard.from_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}) == Shard(1, 2, group=True)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not"):
+        Shard.from_env({"RANK": "1", "WORLD_SIZE": "2"})
     assert Shard.from_env({}) == Shard(0, 1)
     with pytest.raises(ConfigError, match="outside"):
         Shard.from_env({"RANK": "2", "WORLD_SIZE": "2"})

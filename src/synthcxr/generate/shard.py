@@ -48,6 +48,9 @@ class Shard:
                               fix="start with torchrun or accelerate launch, or unset RANK and WORLD_SIZE") from None
         if world < 1 or not 0 <= rank < world:
             raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}", fix="unset RANK and WORLD_SIZE, or fix them")
+        if world > 1 and not env.get("MASTER_ADDR"):
+            raise ConfigError(f"WORLD_SIZE={world} is set but MASTER_ADDR is not, so the processes cannot meet",
+                              fix="start with torchrun or accelerate launch (they set both), or unset RANK and WORLD_SIZE")
         return cls(rank, world, group=world > 1)
 
     @property
