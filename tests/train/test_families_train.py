@@ -167,3 +167,41 @@ def test_flow_matching_resume_is_exact(family_config, tmp_path, read_trainable):
     resumed = train(family_config("sd3", train={"max_steps": 3}), tmp_path / "resumed", resume=True)
     a, b = read_trainable(straight), read_trainable(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sd3_without_t5_trains_and_generates_like_diffusers(family_config, tiny_family_model, tmp_path, monkeypatch):
+    """model.drop_t5: T5 is never loaded; its tokens are zeros, as StableDiffusion3Pipeline does with
+    text_encoder_3=None. The run records it, so generate from the run drops T5 too and gives the pixels
+    of plain diffusers with text_encoder_3=None and the LoRA."""
+    from synthcxr.generate.sample import GenerateConfig, generate_images
+    from synthcxr.models.families import get_family
+    from synthcxr.train.loop import finish, fit, setup
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1780000000")
+    cfg = family_config("sd3", model={"drop_t5": True}, method={"name": "lora"}, optimizer={"lr": 5e-2},
+                        train={"max_steps": 2, "checkpoint_every": 2})
+    session = setup(cfg, tmp_path / "run")
+    assert not any(p.numel() for p in session.models.text_encoders["text_encoder_3"].parameters())
+    fit(session)
+    run = finish(session)
+    assert json.loads((run / "synthcxr_model.json").read_text())["drop_t5"] is True
+
+    ours = generate_images(GenerateConfig(model=str(run), prompt="a chest x-ray", n=1, steps=2, out=tmp_path / "ours"))
+    plain = get_family("sd3").pipeline_cls().from_pretrained(str(tiny_family_model("sd3")), text_encoder_3=None,
+                                                             tokenizer_3=None)
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(run / "final"), weight_name="pytorch_lora_weights.safetensors")
+    theirs = generate_images(GenerateConfig(model=str(tiny_family_model("sd3")), prompt="a chest x-ray", n=1,
+                                            steps=2, out=tmp_path / "theirs"), pipe=plain)
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(folder / "00000.png")).astype(int) for folder in (ours, theirs))
+    assert np.abs(a - b).max() <= 1  # ours fuses the LoRA: equal up to one 8-bit level
+
+
+def test_drop_t5_on_a_family_without_optional_t5_fails_before_any_work(family_config, tmp_path):
+    from synthcxr.train.loop import train
+
+    with pytest.raises(ConfigError, match="drop_t5.*no T5 text encoder to drop"):
+        train(family_config("sdxl", model={"drop_t5": True}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -67,6 +67,8 @@ class GenerateConfig(StrictModel):
     out: Path = Path("generated")
     single_file_config: Path | None = None
     """Local diffusers folder with the architecture of a single-file checkpoint (needed offline)."""
+    drop_t5: bool | None = None
+    """Leave out SD3's T5 text encoder (zeros in its place); default: as the run was trained, else keep it."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the model's prediction type (SD 2.x 768 models use v_prediction)."""
     channels_last: bool | None = None
@@ -194,7 +196,7 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
     # 2. load the model (unless given), fill the family's sampling defaults and set the sampler
     if pipe is None:
         pipe = load_pipeline(cfg.model, torch_dtype=dtype, device=device, prediction_type=cfg.prediction_type,
-                             single_file_config=cfg.single_file_config)
+                             single_file_config=cfg.single_file_config, drop_t5=cfg.drop_t5)
     family = family_of(pipe)
     cfg = with_family_defaults(cfg, family)
     # build every sampler from the model's own scheduler config, not from a sampler set by an earlier call

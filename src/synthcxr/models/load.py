@@ -41,6 +41,8 @@ class ModelSource:
     lora: Path | None = None
     family: str | None = None
     """A run's model family as training recorded it (None: detect from the model)."""
+    drop_t5: bool = False
+    """The run trained without its optional T5 encoder, so it generates without it too."""
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -71,12 +73,14 @@ def resolve_source(model: str | os.PathLike) -> ModelSource:
             lora_rel = info.get("lora")
             if pipeline_rel:
                 return ModelSource("run", str(path / pipeline_rel), base_model=info.get("base_model"),
-                                   lora=path / lora_rel if lora_rel else None, family=info.get("family"))
+                                   lora=path / lora_rel if lora_rel else None, family=info.get("family"),
+                                   drop_t5=bool(info.get("drop_t5")))
             if not info.get("base_model"):
                 raise ModelError("run has neither a pipeline nor a base model", file=run_file,
                                  fix="finish or re-run training for this run")
             return ModelSource("run", str(info["base_model"]), base_model=info["base_model"],
-                               lora=path / lora_rel if lora_rel else None, family=info.get("family"))
+                               lora=path / lora_rel if lora_rel else None, family=info.get("family"),
+                               drop_t5=bool(info.get("drop_t5")))
         if (path / "model_index.json").is_file():
             return ModelSource("folder", str(path))
         if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
@@ -124,10 +128,12 @@ def load_pipeline(
     load_lora: bool = True,
     fuse_lora: bool = True,
     family: str | None = None,
+    drop_t5: bool | None = None,
 ):
     """Return the model's diffusers pipeline (the class its family names; SD safety checker off).
 
     `family` overrides the family detected from model_index.json (or the single file's tensors).
+    `drop_t5` leaves out an optional T5 encoder (None: as the run recorded it; False for other models).
     `prediction_type` overrides the scheduler's (SD 2.x 768 models use "v_prediction"; epsilon/v families only).
     `single_file_config` is a local diffusers folder giving the architecture of a single-file
     checkpoint, needed offline (diffusers otherwise fetches the config from the hub).
@@ -148,6 +154,10 @@ def load_pipeline(
                          fix="leave prediction_type unset for this model")
     pipeline_cls = fam.pipeline_cls()
     kwargs: dict[str, Any] = dict(fam.pipeline_options)
+    if drop_t5 if drop_t5 is not None else source.drop_t5:
+        if not fam.droppable_t5():
+            raise ModelError(f"{fam.label} has no T5 text encoder to drop", fix="do not ask to drop T5 for this model")
+        kwargs.update({slot.encoder: None for slot in fam.droppable_t5()})  # never read from disk
     if torch_dtype is not None:
         kwargs[_dtype_kwarg()] = torch_dtype
     # a run points at its own pipeline folder or at its base model, which is itself a folder, file or hub id

@@ -61,6 +61,10 @@ class ModelSection(Section):
     family: str | None = None
     """Model family (sd, sdxl, sd3). None = detected from model_index.json (or a single file's tensors)."""
 
+    drop_t5: bool = False
+    """Leave out the optional T5 text encoder (SD3/3.5: ~9 GB in bf16); its tokens become zeros, as in
+    StableDiffusion3Pipeline(text_encoder_3=None). Recorded with the run; generate then drops it too."""
+
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str | None) -> str | None:

@@ -29,6 +29,9 @@ def check_family_config(cfg: Any) -> Any:
     if cfg.method.name in family.refused_methods:
         raise ConfigError(f"method {cfg.method.name} is not possible for {family.label}: "
                           f"{family.refused_methods[cfg.method.name]}", fix="choose another method.name")
+    if cfg.model.drop_t5 and not family.droppable_t5():
+        raise ConfigError(f"model.drop_t5: {family.label} has no T5 text encoder to drop (or cannot work without it)",
+                          fix="remove model.drop_t5")
     trained_text_encoders(cfg.method, family)  # raises for T5/Gemma or unknown encoder names
     if family.objective != "ddpm":
         if cfg.model.prediction_type is not None:

@@ -422,7 +422,8 @@ def _load_models(cfg: TrainConfig) -> tuple[Models, str, Any]:
     from synthcxr.train.objectives import build_objective
 
     pipe = load_pipeline(cfg.model.path, prediction_type=cfg.model.prediction_type,
-                         single_file_config=cfg.model.single_file_config, load_lora=False, family=cfg.model.family)
+                         single_file_config=cfg.model.single_file_config, load_lora=False, family=cfg.model.family,
+                         drop_t5=cfg.model.drop_t5)
     family = family_of(pipe)
     source = resolve_source(cfg.model.path)
     base = str(Path(cfg.model.path).resolve()) if source.kind in ("folder", "file") else cfg.model.path
@@ -430,7 +431,8 @@ def _load_models(cfg: TrainConfig) -> tuple[Models, str, Any]:
                                 min_snr_gamma=cfg.train.min_snr_gamma)
     models = Models(unet=getattr(pipe, family.denoiser), vae=pipe.vae, text_encoder=pipe.text_encoder,
                     tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, noise_scheduler=objective.scheduler,
-                    family=family, text_encoders={s.encoder: getattr(pipe, s.encoder) for s in family.text_encoders},
+                    family=family, text_encoders={s.encoder: getattr(pipe, s.encoder) or family.dropped_encoder(pipe, s)
+                                                  for s in family.text_encoders},
                     tokenizers={s.tokenizer: getattr(pipe, s.tokenizer) for s in family.text_encoders})
     return models, base, objective
 

@@ -55,7 +55,8 @@ class Models:
 
     def components(self) -> dict[str, Any]:
         """Pipeline constructor arguments."""
-        return {self.family.denoiser: self.unet, "vae": self.vae, **self.text_encoders, **self.tokenizers,
+        encoders = {k: None if getattr(v, "dropped", False) else v for k, v in self.text_encoders.items()}
+        return {self.family.denoiser: self.unet, "vae": self.vae, **encoders, **self.tokenizers,
                 "scheduler": self.scheduler}
 
 
@@ -326,7 +327,7 @@ def export_final(method: Method, models: Models, run_root: Path, cfg: TrainConfi
     final.mkdir(parents=True, exist_ok=True)
     info = method.export(models, final, cfg)
     atomic_write_json(run_root / RUN_MODEL_FILE, {"base_model": base_model, **info, "method": method.name,
-                                                   "family": models.family.name})
+                                                   "family": models.family.name, "drop_t5": cfg.model.drop_t5})
     return final
 
 

@@ -30,6 +30,8 @@ class TextEncoderSlot:
     """Pipeline attribute of its tokenizer."""
     kind: str
     """clip | t5 | gemma. Only CLIP encoders can be trained (T5/Gemma are large and not trained in practice)."""
+    optional: bool = False
+    """The pipeline works without it (SD3's T5: zeros in its place); `model.drop_t5` leaves it out."""
 
     @property
     def trainable(self) -> bool:
@@ -86,6 +88,14 @@ class Family:
 
     def trainable_encoders(self) -> tuple[TextEncoderSlot, ...]:
         return tuple(slot for slot in self.text_encoders if slot.trainable)
+
+    def droppable_t5(self) -> tuple[TextEncoderSlot, ...]:
+        """T5 encoders that `model.drop_t5` may leave out (none: the family needs its T5)."""
+        return tuple(slot for slot in self.text_encoders if slot.kind == "t5" and slot.optional)
+
+    def dropped_encoder(self, pipe: Any, slot: TextEncoderSlot) -> Any:
+        """A module in place of a dropped encoder that gives what the pipeline uses without it."""
+        raise NotImplementedError(f"{self.label} cannot drop {slot.encoder}")
 
     # ------------------------------------------------------------------ latents
     def resolution_multiple_of_folder(self, folder: Path) -> int | None:

@@ -47,6 +47,12 @@ class StableDiffusion3(Family):
                 "negative_pooled_prompt_embeds": npooled if guidance else None,
                 "max_sequence_length": T5_MAX_LENGTH}
 
+    def dropped_encoder(self, pipe: Any, slot: TextEncoderSlot) -> Any:
+        from synthcxr.models.families.dropped import DroppedEncoder
+
+        # StableDiffusion3Pipeline without T5: zeros as wide as the transformer's joint attention input
+        return DroppedEncoder(pipe.transformer.config.joint_attention_dim)
+
     def make_tiny(self, out_dir: Path, *, resolution: int, seed: int, **options: Any) -> Any:
         from synthcxr.models.families.tiny_parts import tiny_sd3
 
@@ -61,7 +67,7 @@ SD3 = StableDiffusion3(
     denoiser="transformer",
     text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", "clip"),
                    TextEncoderSlot("text_encoder_2", "tokenizer_2", "clip"),
-                   TextEncoderSlot("text_encoder_3", "tokenizer_3", "t5")),
+                   TextEncoderSlot("text_encoder_3", "tokenizer_3", "t5", optional=True)),
     objective="flow",
     # diffusers' train_dreambooth_lora_sd3.py default: joint attention, both streams
     lora_targets=("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
