@@ -110,7 +110,7 @@ class Session:
     def encode_pixels(self, pixels: Any) -> Any:
         """Latent-distribution parameters (mean, log-variance) of a batch of [-1, 1] images."""
         vae = self.models.vae
-        return vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.parameters.float()
+        return self.models.family.encode_params(vae, pixels.to(self.device)).float()
 
     def latent_shape(self) -> tuple[int, int, int]:
         return self.models.family.latent_shape(self.models.vae, self.cfg.data.resolution)
@@ -543,7 +543,7 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         common = {"resolution": cfg.data.resolution, "resize": cfg.data.resize, "flips": cfg.data.hflip,
                   "vae_fingerprint": module_fingerprint(models.vae), "batch_size": cfg.train.batch_size,
                   "device": accelerator.device}
-        encode = lambda px: models.vae.encode(px.to(accelerator.device, dtype=models.vae.dtype)).latent_dist.parameters  # noqa: E731
+        encode = lambda px: models.family.encode_params(models.vae, px.to(accelerator.device))  # noqa: E731
         with accelerator.main_process_first():
             latent_cache = build_latent_cache(kind, cache_dir, train_records, load, encode, **common)
             if class_sources:

@@ -13,6 +13,7 @@ from pathlib import Path
 from synthcxr.errors import ModelError, did_you_mean
 from synthcxr.models.families.base import Conditioning, Family, SampleDefaults, TextEncoderSlot
 from synthcxr.models.families.pixart import PIXART
+from synthcxr.models.families.sana import SANA
 from synthcxr.models.families.sd import SD
 from synthcxr.models.families.sd3 import SD3
 from synthcxr.models.families.sdxl import SDXL
@@ -20,10 +21,10 @@ from synthcxr.models.families.sdxl import SDXL
 __all__ = ["FAMILIES", "Conditioning", "Family", "SampleDefaults", "TextEncoderSlot", "detect", "family_for",
            "family_of", "get_family"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SD3, PIXART)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SD3, PIXART, SANA)}
 
 PLANNED: dict[str, str] = {
-    "SanaPipeline": "sana", "FluxPipeline": "flux",
+    "FluxPipeline": "flux",
 }
 """Pipelines of families that are recognised but not supported yet (a clearer error than 'unknown')."""
 

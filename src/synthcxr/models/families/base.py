@@ -129,6 +129,10 @@ class Family:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return float(shift), float(vae.config.scaling_factor)
 
+    def encode_params(self, vae: Any, pixels: Any) -> Any:
+        """[-1, 1] images -> latent-distribution parameters (mean, log-variance stacked on channels)."""
+        return vae.encode(pixels.to(dtype=vae.dtype)).latent_dist.parameters
+
     def decode(self, vae: Any, latents: Any) -> Any:
         """Denoiser latents -> images in [-1, 1] (undoing `latent_scale`; fp16 VAEs that ask for it upcast)."""
         import torch

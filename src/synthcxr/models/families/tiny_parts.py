@@ -126,3 +126,33 @@ def tiny_pixart(*, resolution: int = 64, seed: int = 0) -> Any:
                                             prediction_type="epsilon")
     return PixArtSigmaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=scheduler)
+
+
+def tiny_sana(*, resolution: int = 64, seed: int = 0) -> Any:
+    """A tiny `SanaPipeline`: 1-layer linear-attention DiT, 2-layer Gemma-2, 2-block DC-AE (x2), flow Euler."""
+    import torch
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    gemma_dim = 32
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=gemma_dim,
+        sample_size=resolution // 2, patch_size=1)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    tok = t5_tokenizer(max_length=4096)  # character-level stand-in for Gemma's SentencePiece tokenizer
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=gemma_dim, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=16, max_position_embeddings=4096, sliding_window=4096,
+                                            pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
