@@ -205,3 +205,46 @@ def test_drop_t5_on_a_family_without_optional_t5_fails_before_any_work(family_co
     with pytest.raises(ConfigError, match="drop_t5.*no T5 text encoder to drop"):
         train(family_config("sdxl", model={"drop_t5": True}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_frozen_text_encoders_leave_the_device_once_prompts_are_cached(family_config, tmp_path, monkeypatch):
+    """With the text cache on and no text encoder training, every caption is encoded once; the encoders
+    are then parked in CPU memory (off the GPU) and training never runs them. Validation brings them back
+    for its prompts and parks them again; with encoder training nothing is parked."""
+    from synthcxr.train import loop
+
+    parked: list[list[str]] = []
+    real_park = loop._park
+
+    def spy(encoders):
+        encoders = list(encoders)
+        parked.append(sorted(type(e).__name__ for e in encoders))
+        real_park(encoders)
+
+    monkeypatch.setattr(loop, "_park", spy)
+    cfg = family_config("sd3", train={"max_steps": 2, "checkpoint_every": 2, "cache_latents": "ram",
+                                      "validate_every": 2})
+    session = loop.setup(cfg, tmp_path / "run")
+    names = sorted(type(e).__name__ for e in session.models.text_encoders.values())
+    assert session.encoders_parked and parked == [names]
+    calls = []
+    for encoder in session.models.text_encoders.values():
+        encoder.register_forward_hook(lambda *a: calls.append(1))
+    loop.fit(session)
+    loop.finish(session)
+    assert len(parked) >= 2 and parked[-1] == names  # validation brought them back, then parked them again
+    assert len(calls) <= 3  # validation's prompts only (once); no training step ran an encoder
+
+    trained = family_config("sd3", method={"train_text_encoder": True},
+                            train={"max_steps": 1, "cache_latents": "ram"})
+    assert not loop.setup(trained, tmp_path / "run2").encoders_parked
+
+
+def test_vae_tiling_and_slicing_options(family_config, tmp_path):
+    """train.vae_tiling / train.vae_slicing turn on diffusers' tiled and sliced VAE (1024 px latents on a
+    small GPU); tiled latents differ slightly, so the latent cache is keyed on the setting."""
+    from synthcxr.train import loop
+
+    session = loop.setup(family_config("sd3", train={"max_steps": 1, "vae_tiling": True, "vae_slicing": True}),
+                         tmp_path / "run")
+    assert session.models.vae.use_tiling and session.models.vae.use_slicing

@@ -306,6 +306,10 @@ class TrainSection(Section):
     """fp16 autocast on a CPU is slow and poorly supported; it is refused unless this is set."""
 
     gradient_checkpointing: bool = False
+    vae_tiling: bool = False
+    """diffusers' tiled VAE encode/decode: bounded memory for 1024 px latents (tiles blend; latents differ slightly)."""
+    vae_slicing: bool = False
+    """Encode/decode one image at a time (same latents, less peak memory)."""
     seed: int = Field(0, ge=0, lt=2**32)
     """Seeds Python, NumPy and torch (NumPy takes 0 <= seed < 2**32)."""
 

@@ -82,6 +82,20 @@ class Session:
     memo: dict[str, Any] = field(default_factory=dict)  # held-out latents/embeddings
     objective: Any = None  # train/objectives.py: (noisy, timesteps, target, weights) from latents and noise
     text_encoders: dict[str, Any] = field(default_factory=dict)  # the prepared text encoders that train, by name
+    encoders_parked: bool = False  # frozen text encoders in CPU memory: every training prompt is cached
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Any:
+        """Bring parked text encoders to the device for validation's prompts, and park them again."""
+        if not self.encoders_parked:
+            yield
+            return
+        for encoder in self.models.text_encoders.values():
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            _park(self.models.text_encoders.values())
 
     @property
     def is_main(self) -> bool:
@@ -463,6 +477,23 @@ def _place_models(models: Models, method: Method, cfg: TrainConfig, device: Any,
             models.text_encoders[name].gradient_checkpointing_enable()
     if cfg.train.channels_last:
         models.unet.to(memory_format=torch.channels_last)
+    if cfg.train.vae_tiling:
+        models.vae.enable_tiling()
+    if cfg.train.vae_slicing:
+        models.vae.enable_slicing()
+
+
+def _park(encoders: Any) -> None:
+    """Frozen text encoders to CPU memory and the accelerator's cache emptied (T5-XXL alone is ~9 GB)."""
+    import gc
+
+    import torch
+
+    for encoder in encoders:
+        encoder.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Session | None:
@@ -541,7 +572,8 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         cache_dir = cache_root if kind == "disk" else None
         load = lambda s: load_pixels(cfg, s)  # noqa: E731
         common = {"resolution": cfg.data.resolution, "resize": cfg.data.resize, "flips": cfg.data.hflip,
-                  "vae_fingerprint": module_fingerprint(models.vae), "batch_size": cfg.train.batch_size,
+                  "vae_fingerprint": module_fingerprint(models.vae) + ("-tiled" if cfg.train.vae_tiling else ""),
+                  "batch_size": cfg.train.batch_size,
                   "device": accelerator.device}
         encode = lambda px: models.family.encode_params(models.vae, px.to(accelerator.device))  # noqa: E731
         with accelerator.main_process_first():
@@ -558,6 +590,9 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
                                        *map(module_fingerprint, models.text_encoders.values())])
                 text_cache = build_text_cache(kind, cache_dir, prompts + ([class_prompt] if class_prompt else []),
                                               encode_text, text_fingerprint=fingerprint, device=accelerator.device)
+    parked = text_cache is not None and not M.trained_text_encoders(cfg.method, models.family)
+    if parked:  # every training prompt is cached: the encoders are only needed again for validation
+        _park(models.text_encoders.values())
 
     # 6. step count, optimizer, schedule, EMA; accelerate wraps what trains (DDP etc.)
     plan = BatchPlan(len(train_records), cfg.train.repeats, cfg.train.batch_size, cfg.train.gradient_accumulation,
@@ -585,7 +620,7 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
                       val_prompts=val_prompts, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, trainable=trainable, base_model=base_model, ema=ema,
                       latent_cache=latent_cache, class_cache=class_cache, text_cache=text_cache,
-                      objective=objective, text_encoders=text_encoders)
+                      objective=objective, text_encoders=text_encoders, encoders_parked=parked)
 
     # 7. resume: weights, optimizer, schedule, EMA, scaler, RNG, step
     if resume:

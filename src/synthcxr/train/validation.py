@@ -106,9 +106,10 @@ def validate(session: Session, step: int) -> dict[str, Any]:
                 session.ema.store(params)
                 session.ema.copy_to(params)
             try:
-                row["val_loss"] = validation_loss(session)
-                if session.cfg.train.validation_seeds:
-                    row["samples"] = str(sample_images(session, step).relative_to(session.run.root))
+                with session.text_encoders_on_device():
+                    row["val_loss"] = validation_loss(session)
+                    if session.cfg.train.validation_seeds:
+                        row["samples"] = str(sample_images(session, step).relative_to(session.run.root))
             finally:
                 if session.ema is not None:
                     session.ema.restore(params)
