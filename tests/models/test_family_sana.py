@@ -78,3 +78,16 @@ def test_make_tiny_cli_sana(tmp_path):
                                       "--resolution", "32"])
     assert result.exit_code == 0, result.output
     assert detect(tmp_path / "m").name == "sana"
+
+
+def test_flow_euler_keeps_the_flow_shift_of_a_dpm_solver_flow_config():
+    """Released Sana models ship a DPM-Solver scheduler in flow mode with `flow_shift` (3.0 at 1024 px);
+    the flow_euler sampler built from it must sample with that shift, not FlowMatchEuler's default 1.0."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from synthcxr.generate.schedulers import make_scheduler
+
+    sana = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    assert make_scheduler("flow_euler", sana.config).config.shift == 3.0
+    sd3 = make_scheduler("flow_euler", make_scheduler("flow_euler", {"shift": 2.0}).config)
+    assert sd3.config.shift == 2.0  # a FlowMatchEuler config keeps its own shift

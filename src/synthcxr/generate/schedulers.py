@@ -46,4 +46,8 @@ def make_scheduler(name: str, model_scheduler_config: Any):
 
     spec = SCHEDULERS[check_scheduler_name(name)]
     cls = getattr(diffusers, spec.class_name)
-    return cls.from_config(model_scheduler_config, **spec.options)
+    options = dict(spec.options)
+    flow_shift = dict(model_scheduler_config).get("flow_shift")
+    if spec.class_name == "FlowMatchEulerDiscreteScheduler" and flow_shift and "shift" not in model_scheduler_config:
+        options["shift"] = flow_shift  # a DPM-Solver flow config (Sana) names its shift flow_shift
+    return cls.from_config(model_scheduler_config, **options)
