@@ -264,16 +264,22 @@ def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -
     highlights = [(c, best[c], cell(next(r[c] for r in rows if r["run"] == best[c])), direction(c), _ci_overlap(rows, c, best[c]))
                   for c in kinds["eval"] + kinds["study"] if best.get(c)]
 
-    loss = plots.curves_plot({r.name: r.loss_curve() for r in data.runs}, title="Training loss (smoothed)",
-                             ylabel="loss", smooth=True)
-    val = plots.curves_plot({r.name: r.val_loss_curve() for r in data.runs},
-                            title="Validation loss (fixed timesteps and noise)", ylabel="validation loss", smooth=False)
+    # plots group the runs of one model family together and give them one hue
+    families = {r.name: r.family for r in data.runs}
+    colors = plots.run_colors(families)
+    by_name = {r.name: r for r in data.runs}
+    grouped = [by_name[n] for n in plots.group_by_family(families)]
+    loss = plots.curves_plot({r.name: r.loss_curve() for r in grouped}, title="Training loss (smoothed)",
+                             ylabel="loss", smooth=True, colors=colors)
+    val = plots.curves_plot({r.name: r.val_loss_curve() for r in grouped},
+                            title="Validation loss (fixed timesteps and noise)", ylabel="validation loss", smooth=False,
+                            colors=colors)
     metric_figs = []
     for name in kinds["eval"]:
-        values = {r.name: next((m for m in r.metric_list() if m.name == name), None) for r in data.runs}
+        values = {r.name: next((m for m in r.metric_list() if m.name == name), None) for r in grouped}
         if direction(name) is None and len(kinds["eval"]) > 12:
             continue
-        uri = plots.metric_plot(name, {k: v for k, v in values.items() if v is not None})
+        uri = plots.metric_plot(name, {k: v for k, v in values.items() if v is not None}, colors=colors)
         if uri:
             metric_figs.append((name, direction(name), uri))
     sample_rows, shared = _sample_rows(data, max_samples, thumb)

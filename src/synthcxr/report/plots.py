@@ -12,6 +12,31 @@ from synthcxr.report.collect import Metric
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
+def group_by_family(families: dict[str, str | None]) -> list[str]:
+    """Run names with the runs of one model family next to each other (families in order of first run)."""
+    order = list(dict.fromkeys(families.values()))
+    return sorted(families, key=lambda name: order.index(families[name]))
+
+
+def run_colors(families: dict[str, str | None]) -> dict[str, str]:
+    """A colour per run (run name -> model family). When the runs span several families, the runs of one
+    family share its hue, in shades from full to light; otherwise each run gets its own colour."""
+    from matplotlib.colors import to_hex, to_rgb
+
+    known = list(dict.fromkeys(f for f in families.values() if f is not None))
+    if len(known) < 2:
+        return {name: COLORS[i % len(COLORS)] for i, name in enumerate(families)}
+    groups = [*known, None]
+    out = {}
+    for g, family in enumerate(groups):
+        members = [name for name, f in families.items() if f == family]
+        base = to_rgb(COLORS[g % len(COLORS)] if family is not None else "#7f7f7f")
+        for j, name in enumerate(members):
+            t = 0.6 * j / max(len(members) - 1, 1)  # toward white: same hue, lighter
+            out[name] = to_hex(tuple(c + (1 - c) * t for c in base))
+    return out
+
+
 def _plt():
     import matplotlib
 
@@ -58,8 +83,9 @@ def _smooth(values: list[float]) -> list[float]:
     return out
 
 
-def curves_plot(series: dict[str, list[tuple[float, float]]], *, title: str, ylabel: str, smooth: bool) -> str | None:
-    """One line per run; None when no run has any point."""
+def curves_plot(series: dict[str, list[tuple[float, float]]], *, title: str, ylabel: str, smooth: bool,
+                colors: dict[str, str] | None = None) -> str | None:
+    """One line per run (`colors`: run -> colour, e.g. by family); None when no run has any point."""
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
@@ -68,7 +94,7 @@ def curves_plot(series: dict[str, list[tuple[float, float]]], *, title: str, yla
     for i, (name, points) in enumerate(series.items()):
         steps = [p[0] for p in points]
         values = [p[1] for p in points]
-        color = COLORS[i % len(COLORS)]
+        color = (colors or {}).get(name) or COLORS[i % len(COLORS)]
         if smooth and len(values) > 10:
             ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
             ax.plot(steps, _smooth(values), color=color, label=name, linewidth=1.6)
@@ -83,7 +109,7 @@ def curves_plot(series: dict[str, list[tuple[float, float]]], *, title: str, yla
     return fig_to_uri(fig)
 
 
-def metric_plot(name: str, values: dict[str, Metric]) -> str | None:
+def metric_plot(name: str, values: dict[str, Metric], colors: dict[str, str] | None = None) -> str | None:
     """Horizontal bars per run with CI whiskers, sorted so the ranking reads top to bottom."""
     values = {k: v for k, v in values.items() if v is not None and math.isfinite(v.value)}
     if not values:
@@ -98,7 +124,7 @@ def metric_plot(name: str, values: dict[str, Metric]) -> str | None:
         std = [values[n].std or 0 for n in names]
         lo, hi = std, std
     ys = list(range(len(names)))
-    ax.barh(ys, xs, xerr=[lo, hi], color=[COLORS[i % len(COLORS)] for i in ys], alpha=0.85, capsize=3)
+    ax.barh(ys, xs, xerr=[lo, hi], color=[(colors or {}).get(n) or COLORS[i % len(COLORS)] for i, n in zip(ys, names, strict=True)], alpha=0.85, capsize=3)
     ax.set_yticks(ys, names)
     ax.invert_yaxis()
     ax.set_title(name)
