@@ -35,7 +35,7 @@ def test_unknown_or_planned_family_errors_list_the_supported_ones(tmp_path):
         get_family("sd35")
     assert "did you mean 'sd3'" in str(err.value) and all(name in str(err.value) for name in FAMILIES)
     with pytest.raises(ModelError, match="not supported yet") as err:
-        detect(_index(tmp_path, "FluxPipeline"))
+        detect(_index(tmp_path, "Lumina2Pipeline"))
     assert "sdxl" in str(err.value)
     with pytest.raises(ModelError, match="unknown pipeline class 'KandinskyPipeline'"):
         detect(_index(tmp_path, "KandinskyPipeline"))
@@ -110,7 +110,7 @@ def test_make_tiny_cli_family(tmp_path):
                                       "--resolution", "32"])
     assert result.exit_code == 0, result.output
     assert detect(tmp_path / "m").name == "sd3"
-    bad = CliRunner().invoke(app, ["model", "make-tiny", str(tmp_path / "n"), "--family", "flux"])
+    bad = CliRunner().invoke(app, ["model", "make-tiny", str(tmp_path / "n"), "--family", "lumina2"])
     assert bad.exit_code != 0 and "sdxl" in str(bad.output) + str(bad.exception)
 
 

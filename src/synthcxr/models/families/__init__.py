@@ -12,6 +12,7 @@ from pathlib import Path
 
 from synthcxr.errors import ModelError, did_you_mean
 from synthcxr.models.families.base import Conditioning, Family, SampleDefaults, TextEncoderSlot
+from synthcxr.models.families.flux import FLUX
 from synthcxr.models.families.pixart import PIXART
 from synthcxr.models.families.sana import SANA
 from synthcxr.models.families.sd import SD
@@ -21,11 +22,9 @@ from synthcxr.models.families.sdxl import SDXL
 __all__ = ["FAMILIES", "Conditioning", "Family", "SampleDefaults", "TextEncoderSlot", "detect", "family_for",
            "family_of", "get_family"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SD3, PIXART, SANA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SD3, PIXART, SANA, FLUX)}
 
-PLANNED: dict[str, str] = {
-    "FluxPipeline": "flux",
-}
+PLANNED: dict[str, str] = {"LuminaPipeline": "lumina", "Lumina2Pipeline": "lumina2"}
 """Pipelines of families that are recognised but not supported yet (a clearer error than 'unknown')."""
 
 

@@ -156,3 +156,26 @@ def tiny_sana(*, resolution: int = 64, seed: int = 0) -> Any:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                         scheduler=scheduler)
+
+
+def tiny_flux(*, resolution: int = 64, seed: int = 0) -> Any:
+    """A tiny `FluxPipeline`: 1 double + 1 single block with guidance embedding, CLIP + T5, dynamic-shift flow Euler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_DIM,
+                                         pooled_projection_dim=CLIP_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = _vae(resolution, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+               use_post_quant_conv=False)
+    t5_tok = t5_tokenizer(max_length=512)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=1,
+                                             num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                             eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_clip_config(projection=False)),
+                        tokenizer=_clip_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=t5_tok,
+                        transformer=transformer)
