@@ -3,8 +3,6 @@ pipeline's own, deterministic DC-AE latents, deterministic generation, DC-AE res
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from synthcxr.models.families import FAMILIES, detect
