@@ -31,6 +31,8 @@ PROMPT = "a chest x-ray of a 45 year old male, tuberculosis"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd15", action="store_true", help="SD1.5 architecture with random weights (meant for a GPU)")
+    p.add_argument("--family", default=None, help="sdxl, sd3, ...: a tiny random model of that family, plain "
+                   "pipeline call vs generate_images (benchmarks/families.py); prints the ratio")
     p.add_argument("--device", default=None, help="default: cuda with --sd15 when available, else cpu")
     p.add_argument("--n", type=int, default=None, help="images per timed repeat (default 8; 32 with --sd15)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 4; 8 with --sd15)")
@@ -91,6 +93,12 @@ def sync(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.family:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from families import generate_benchmark
+
+        return generate_benchmark(args.family, res=args.resolution or 64, n=args.n or 4, batch=args.batch or 2,
+                                  steps=args.steps, repeats=args.repeats, out=args.out)
     work = Path(tempfile.mkdtemp(prefix="synthcxr-bench-"))
     try:
         return run(args, work)

@@ -49,6 +49,8 @@ GPU_CASES = {"lora_bf16_bs4": ("lora", "bf16", 4), "lora_bf16_bs16": ("lora", "b
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd15", action="store_true", help="SD1.5 architecture at 512 px (needs a GPU)")
+    p.add_argument("--family", default=None, help="sdxl, sd3, ...: a tiny random model of that family against a "
+                   "diffusers-example-style reference step (benchmarks/families.py); prints the ratio")
     p.add_argument("--cases", default="all", help="comma-separated case names")
     p.add_argument("--variants", default=None, help="reference,ours_nocache,ours,ours_compile "
                                                      "(default: all with --sd15, all but ours_compile on CPU)")
@@ -327,6 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         return child(args)
+    if args.family:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from families import train_step_benchmark
+
+        train_step_benchmark(args.family, steps=args.steps or 4, warmup=args.warmup or 2, out=args.out)
+        return None
     import torch
 
     if args.sd15 and not torch.cuda.is_available():
