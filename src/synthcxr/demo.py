@@ -33,7 +33,7 @@ def demo_grid(model: Path, data: Path, prompts_csv: Path, steps: int, extractor:
         "name": "demo",
         "base": {
             "model": {"path": str(model)},
-            "data": {"path": str(data), "resolution": 64, "split": {"val": 0.2, "test": 0.0, "seed": 0}},
+            "data": {"path": str(data), "resolution": 64, "split": {"val": 0.2, "test": 0.2, "seed": 0}},
             # the denoiser is random: LoRA needs a high rank, a high rate and the attention blocks' MLPs too
             "method": {"name": "lora", "rank": 16, "target_modules": DEMO_LORA_TARGETS},
             "optimizer": {"name": "adamw", "lr": 1e-2},
@@ -58,8 +58,8 @@ def demo_grid(model: Path, data: Path, prompts_csv: Path, steps: int, extractor:
             "extractor": {"name": extractor, "device": "cpu", "batch_size": 16},
             "fidelity": {"ci_groups": 50, "kid_subsets": 20},
             "diversity": {"image_size": 64, "pairs": 20},
-            "memorization": {"ssim_size": 64, "top_pairs": 4},
-            "utility": {"image_size": 32, "epochs": 1, "n_boot": 50, "sex": False},
+            "memorization": {"image_size": 64, "top_pairs": 4},
+            "utility": {"image_size": 32, "epochs": 1, "seeds": 2, "n_boot": 50, "sex": False},
         },
         "study": {"per_model": 4, "real_count": 4, "readers": 2, "simulate": True},
     }
