@@ -379,3 +379,12 @@ def test_second_writer_on_the_same_folder_fails_at_once_and_a_crash_frees_it(tin
     now = _snapshot(out)
     assert all(now[name] == before[name] for name in ("00000.png", "00001.png"))  # finished images untouched
     assert not (out / LOCK_FILE).exists()
+
+
+def test_vae_tiling_option_turns_on_the_tiled_decoder(tiny_model_dir, tmp_path):
+    """vae_tiling (for 1024 px on a small GPU) switches diffusers' tiled VAE on; images still come out."""
+    from synthcxr.models.load import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir)
+    out = generate_images(cfg_for(tiny_model_dir, tmp_path / "t", vae_tiling=True), pipe=pipe)
+    assert pipe.vae.use_tiling and len(list(out.glob("*.png"))) == 4

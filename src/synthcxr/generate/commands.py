@@ -34,6 +34,7 @@ def generate(
     single_file_config: Annotated[Path | None, typer.Option(help="Local diffusers folder giving a single-file checkpoint's architecture.")] = None,
     prediction_type: Annotated[str | None, typer.Option(help="Override: epsilon or v_prediction (SD 2.x 768).")] = None,
     drop_t5: Annotated[bool | None, typer.Option("--drop-t5/--keep-t5", help="SD3: leave out the T5 text encoder (default: as the run was trained).")] = None,
+    vae_tiling: Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", help="Tiled VAE decode: less memory at 1024 px.")] = None,
     channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="Channels-last memory layout (default: on for CUDA).")] = None,
     fuse_qkv: Annotated[bool | None, typer.Option("--fuse-qkv/--no-fuse-qkv", help="Fused attention q/k/v projections (default: on for CUDA).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet (default: on for CUDA).")] = None,
@@ -55,6 +56,7 @@ def generate(
         "seed": seed, "batch_size": batch_size, "steps": steps, "guidance": guidance, "scheduler": scheduler,
         "resolution": resolution, "dtype": dtype, "device": device, "format": format, "out": out,
         "single_file_config": single_file_config, "prediction_type": prediction_type, "drop_t5": drop_t5,
+        "vae_tiling": vae_tiling,
         "channels_last": channels_last, "fuse_qkv": fuse_qkv, "compile": compile, "decode_batch_size": decode_batch_size,
     }
     data.update({k: v for k, v in explicit.items() if v is not None})

@@ -68,6 +68,8 @@ class GenerateConfig(StrictModel):
     single_file_config: Path | None = None
     """Local diffusers folder with the architecture of a single-file checkpoint (needed offline)."""
     drop_t5: bool | None = None
+    vae_tiling: bool = False
+    """Decode in tiles (diffusers' tiled VAE): bounded memory at 1024 px; seams are blended, pixels differ slightly."""
     """Leave out SD3's T5 text encoder (zeros in its place); default: as the run was trained, else keep it."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the model's prediction type (SD 2.x 768 models use v_prediction)."""
@@ -228,6 +230,8 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
 
     # 4. speed options: on by default on CUDA only (they cost time or do nothing on a CPU)
     _apply_speed_options(pipe, cfg, on_gpu, getattr(pipe, family.denoiser))
+    if cfg.vae_tiling:
+        pipe.vae.enable_tiling()
     decode_batch = cfg.decode_batch_size or (min(cfg.batch_size, 8) if on_gpu else cfg.batch_size)
     do_cfg = cfg.guidance > 1
     embeds: dict[tuple[str, str], dict[str, Any]] = {}
