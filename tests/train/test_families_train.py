@@ -248,3 +248,15 @@ def test_vae_tiling_and_slicing_options(family_config, tmp_path):
     session = loop.setup(family_config("sd3", train={"max_steps": 1, "vae_tiling": True, "vae_slicing": True}),
                          tmp_path / "run")
     assert session.models.vae.use_tiling and session.models.vae.use_slicing
+
+
+def test_sd3_full_fine_tune_without_t5_exports_a_pipeline_without_it(family_config, tmp_path):
+    from synthcxr.generate.sample import GenerateConfig, generate_images
+    from synthcxr.train.loop import train
+
+    run = train(family_config("sd3", model={"drop_t5": True}, method={"name": "full"},
+                              train={"max_steps": 1, "checkpoint_every": 1}), tmp_path / "run")
+    index = json.loads((run / "final" / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None] and not (run / "final" / "text_encoder_3").exists()
+    out = generate_images(GenerateConfig(model=str(run), prompt="a chest x-ray", n=1, steps=2, out=tmp_path / "g"))
+    assert (out / "00000.png").is_file()
