@@ -165,12 +165,12 @@ def _memorization(data: ReportData, thumb: int) -> list[dict[str, Any]]:
                 "kind": pair["kind"],
                 "cosine": cell(pair["cosine"]) if pair.get("cosine") is not None else None,
                 "flagged": pair.get("flagged", False),
+                "alignment": _alignment_text(pair.get("alignment")),
                 "side": plots.image_uri(pair["side_by_side"], thumb * 2) if pair["side_by_side"] and pair["side_by_side"].exists() else None,
                 "synthetic": plots.image_uri(pair["synthetic"], thumb) if pair["synthetic"] and pair["synthetic"].exists() else None,
                 "train": plots.image_uri(pair["train"], thumb) if pair["train"] and pair["train"].exists() else None,
             })
         mem = run.eval.get("memorization") if isinstance(run.eval.get("memorization"), dict) else None
-                "alignment": _alignment_text(pair.get("alignment")),
         summary = [m for m in run.metric_list() if m.name.startswith("memorization")]
         out.append({"run": run.name, "state": "ok" if (pairs or summary) else ("no memorization check" if mem is None else "no pairs"),
                     "pairs": pairs, "summary": [(m.name.removeprefix("memorization."), m.format()) for m in summary],
@@ -178,11 +178,6 @@ def _memorization(data: ReportData, thumb: int) -> list[dict[str, Any]]:
     return out
 
 
-def _study_section(data: ReportData) -> dict[str, Any] | None:
-    if data.study is None and data.study_dir is None:
-        return None
-    per_run = {run.name: study_metrics(data.study, run.name) for run in data.runs}
-    real = study_metrics(data.study, "real")
 def _alignment_text(alignment: dict[str, Any] | None) -> str | None:
     """How the synthetic image was aligned to its training match, e.g. 'mirrored, rotated 2.5°, shifted (3, -2) px'."""
     if not alignment:
@@ -197,6 +192,11 @@ def _alignment_text(alignment: dict[str, Any] | None) -> str | None:
     return ", ".join(parts) or "as is"
 
 
+def _study_section(data: ReportData) -> dict[str, Any] | None:
+    if data.study is None and data.study_dir is None:
+        return None
+    per_run = {run.name: study_metrics(data.study, run.name) for run in data.runs}
+    real = study_metrics(data.study, "real")
     names: list[str] = []
     for metrics in [*per_run.values(), real]:
         for m in metrics:
