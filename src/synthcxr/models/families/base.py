@@ -107,11 +107,14 @@ class Family:
             denoiser = json.loads((folder / self.denoiser / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        return 2 ** (len(vae.get("block_out_channels", [0])) - 1) * int(denoiser.get("patch_size") or 1)
+        return 2 ** (len(vae.get(self.vae_levels_key, [0])) - 1) * int(denoiser.get("patch_size") or 1)
+
+    # the VAE config key whose length is its number of resolution levels (AutoencoderKL's; DC-AE differs)
+    vae_levels_key = "block_out_channels"
 
     def vae_factor(self, vae: Any) -> int:
         """Pixels per latent cell along one side."""
-        return 2 ** (len(vae.config.block_out_channels) - 1)
+        return 2 ** (len(getattr(vae.config, self.vae_levels_key)) - 1)
 
     def patch_size(self, denoiser: Any) -> int:
         return int(getattr(denoiser.config, "patch_size", None) or 1)

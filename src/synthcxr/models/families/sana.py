@@ -4,7 +4,6 @@ rectified flow matching."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,7 @@ def complex_human_instruction() -> list[str]:
 
 
 class Sana(Family):
-    def vae_factor(self, vae: Any) -> int:
-        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
-
-    def resolution_multiple_of_folder(self, folder: Path) -> int | None:
-        try:
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-            denoiser = json.loads((folder / self.denoiser / "config.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return 2 ** (len(vae.get("encoder_block_out_channels", [0])) - 1) * int(denoiser.get("patch_size") or 1)
+    vae_levels_key = "encoder_block_out_channels"  # DC-AE: x32 on the released weights
 
     def encode_params(self, vae: Any, pixels: Any) -> Any:
         """DC-AE latents are deterministic: mean = the latent, log-variance at the floor `sample_latents` clamps
