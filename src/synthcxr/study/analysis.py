@@ -17,6 +17,7 @@ import numpy as np
 
 from synthcxr.fileio import atomic_write_json, atomic_write_text
 from synthcxr.study.csvsafe import csv_text
+from synthcxr.study.inference import suspicion
 
 REAL = "real"
 Z95 = 1.959963984540054
@@ -161,16 +162,6 @@ def _order_groups(groups: set[str]) -> list[str]:
     return ([REAL] if REAL in groups else []) + sorted(g for g in groups if g != REAL)
 
 
-def _suspicion(row: dict[str, Any]) -> float | None:
-    """How strongly a reader called an image synthetic: choice x confidence, else low realism."""
-    if row.get("judged_real") is not None:
-        conf = row.get("confidence") or 1
-        return float(-conf if row["judged_real"] else conf)
-    if row.get("realism") is not None:
-        return float(-row["realism"])
-    return None
-
-
 def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -223,7 +214,7 @@ def reader_stats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         correct = [(r["judged_real"] == (r["source"] == REAL)) for r in chosen]
         syn = [r for r in chosen if r["source"] != REAL]
         real = [r for r in chosen if r["source"] == REAL]
-        scores = [(r, _suspicion(r)) for r in g]
+        scores = [(r, suspicion(r)) for r in g]
         scores = [(r, s) for r, s in scores if s is not None]
         rea = [r for r in g if r.get("realism") is not None]
         out.append({

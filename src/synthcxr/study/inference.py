@@ -17,7 +17,7 @@ Z95 = 1.959963984540054
 MRMC_COLUMNS = ["reader", "case", "modality", "truth", "rating"]
 
 
-def _suspicion(row: dict[str, Any]) -> float | None:
+def suspicion(row: dict[str, Any]) -> float | None:
     """How strongly a reader called an image synthetic (higher = more synthetic): choice x
     confidence (-3..3) when asked, else the realism scale reversed (-5..-1)."""
     if row.get("judged_real") is not None:
@@ -43,7 +43,7 @@ def mrmc_readings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"reader": r["reader"], "case": case, "modality": r["model"], "truth": 1,
                         "rating": 1.0 if r["correct"] else 0.0})
             continue
-        score = _suspicion(r)
+        score = suspicion(r)
         if score is None:
             continue
         for model in (models if r["source"] == REAL else [r["model"]]):
