@@ -4,6 +4,7 @@ variance, the fit is seeded, and `make-tiny --train-vae` checks the data before 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -73,3 +74,11 @@ def test_make_tiny_train_vae_with_missing_data_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "nope" in err and "Fix:" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 19])
+def test_short_fits_run_whatever_the_step_count(xrays, steps):
+    """`--vae-steps 10` (the demo test) once divided by zero in the warm-up schedule."""
+    pixels = load_pixels(xrays, 32)
+    record = fit_vae(_tiny_vae(), pixels, VaeFit(steps=steps, seed=0))
+    assert math.isfinite(record["l1_after"])

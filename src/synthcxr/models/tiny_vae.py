@@ -91,7 +91,11 @@ def fit_vae(vae: Any, pixels: Any, fit: VaeFit = VaeFit()) -> dict[str, Any]:
         vae.train()
         vae.requires_grad_(True)
         opt = torch.optim.Adam(vae.parameters(), lr=fit.lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=fit.steps, pct_start=0.1)
+        if fit.steps >= 10:  # warm up over >= 2 steps: OneCycleLR divides by the warm-up length
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=fit.steps,
+                                                        pct_start=max(0.1, 2.0 / fit.steps))
+        else:  # too short to schedule: a constant rate
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         loss_value = float("nan")
         with progress_bar(fit.steps, "fit tiny VAE") as (progress, task):
             for step in range(fit.steps):
