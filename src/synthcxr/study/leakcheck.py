@@ -43,13 +43,11 @@ def features(png: bytes) -> dict[str, float]:
 
 
 def auc(a: Sequence[float], b: Sequence[float]) -> float:
-    """Separation of two samples: max(AUC, 1 - AUC) with AUC = P(a > b) + P(a = b) / 2 (Mann-Whitney)."""
-    from scipy.stats import rankdata
+    """Separation of two samples: max(AUC, 1 - AUC), AUC being the study's Mann-Whitney AUC (either direction
+    of a feature gives readers away)."""
+    from synthcxr.study.analysis import auc as mann_whitney_auc
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    ranks = rankdata(np.concatenate([a, b]))
-    u = ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2
-    value = u / (len(a) * len(b))
+    value = mann_whitney_auc(a, b)
     return float(max(value, 1 - value))
 
 
