@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from synthcxr.evaluate.fidelity import _check, mmd2_unbiased, polynomial_kernel
+from synthcxr.evaluate.fidelity import _check, jackknife_parts, mmd2_unbiased, polynomial_kernel
 
 BLOCK = 1024
 """Rows per block: a block x N float64 matrix (1024 x 100k = 0.8 GB) is the largest temporary."""
@@ -39,14 +39,11 @@ def in_memory_bytes(n_real: int, n_fake: int) -> int:
 
 def jackknife_groups(n_real: int, n_fake: int, groups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Group label of each real and synthetic image, as `jackknife_intervals` splits them (-1: no groups)."""
-    labels = []
-    rng = np.random.default_rng(seed)
-    for n in (n_real, n_fake):
-        lab = np.full(n, -1, np.int64)
-        if groups > 0:
-            for g, part in enumerate(np.array_split(rng.permutation(n), min(n, groups))):
+    labels = [np.full(n_real, -1, np.int64), np.full(n_fake, -1, np.int64)]
+    if groups > 0:
+        for lab, parts in zip(labels, jackknife_parts(n_real, n_fake, groups, seed), strict=True):
+            for g, part in enumerate(parts):
                 lab[part] = g
-        labels.append(lab)
     return labels[0], labels[1]
 
 

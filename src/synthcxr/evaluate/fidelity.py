@@ -204,6 +204,15 @@ _RANGES = {"fid": (0.0, np.inf), "cmmd": (0.0, np.inf), "precision": (0.0, 1.0),
            "coverage": (0.0, 1.0)}
 
 
+def jackknife_parts(n_real: int, n_fake: int, groups: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The random near-equal groups (min(n, `groups`) of them) each set is split into for the jackknife;
+    one draw for every caller, so the in-memory and the blocked computations leave out the same images."""
+    rng = np.random.default_rng(seed)
+    real_parts = np.array_split(rng.permutation(n_real), min(n_real, groups))
+    fake_parts = np.array_split(rng.permutation(n_fake), min(n_fake, groups))
+    return real_parts, fake_parts
+
+
 def jackknife_intervals(stat: Callable[[np.ndarray, np.ndarray], dict[str, float]], estimate: dict[str, float],
                         n_real: int, n_fake: int, groups: int, seed: int = 0, level: float = 0.95,
                         extra_var: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
@@ -225,11 +234,10 @@ def jackknife_intervals(stat: Callable[[np.ndarray, np.ndarray], dict[str, float
     the statistic's range (`_RANGES`), never past the estimate. G = n is the classic delete-1
     jackknife; fewer groups bound the cost at 2G evaluations of `stat`.
     """
-    rng = np.random.default_rng(seed)
     all_r, all_f = np.arange(n_real), np.arange(n_fake)
     replicates: list[tuple[int, dict[str, list[float]]]] = []  # per set: (G, key -> theta_(-g))
-    for n, leave in ((n_real, lambda keep: stat(keep, all_f)), (n_fake, lambda keep: stat(all_r, keep))):
-        parts = np.array_split(rng.permutation(n), min(n, groups))
+    leaves = ((n_real, lambda keep: stat(keep, all_f)), (n_fake, lambda keep: stat(all_r, keep)))
+    for (n, leave), parts in zip(leaves, jackknife_parts(n_real, n_fake, groups, seed), strict=True):
         draws: dict[str, list[float]] = {}
         for part in parts:
             keep = np.sort(np.setdiff1d(np.arange(n), part, assume_unique=True))
