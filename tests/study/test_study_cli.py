@@ -85,3 +85,16 @@ def test_paired_calibration_mrmc_export_and_delta(tmp_path, sources, capsys, mon
         main(["study", "create", "--name", "q", "--model", str(sources["model_b"]), "--design", "pair",
               "--db", db, "--dir", str(tmp_path / "sd")])
     assert "did you mean 'paired'" in capsys.readouterr().err
+
+
+def test_analyze_prints_degenerate_mrmc_rows():
+    """Identical readers give zero variance: the JSON holds None for df, CI and TOST p, and the
+    summary line must still print (it raised TypeError on a random study secret in CI)."""
+    from synthcxr.study.commands import _mrmc_line
+
+    line = _mrmc_line({"model": "a", "auc": 1.0, "ci": [None, None], "df": None, "tost_p": None,
+                       "equivalent": False}, 0.05)
+    assert "MRMC AUC 1.000 [n/a, n/a] (df n/a)" in line and "TOST p = n/a" in line
+    line = _mrmc_line({"model": "a", "auc": 0.52, "ci": [0.4, 0.64], "df": float("inf"), "tost_p": 0.01,
+                       "equivalent": True}, 0.05)
+    assert "(df inf), indistinguishable (TOST p = 0.010)" in line

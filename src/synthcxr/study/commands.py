@@ -4,8 +4,9 @@ analyze, simulate."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -231,12 +232,24 @@ def analyze(
         typer.echo(f"{g['group']:>24}: realism {mean}, judged real {real} (n={g['n_ratings']})")
     mrmc = result.get("mrmc") or {}
     for m in mrmc.get("models", []):
-        verdict = "indistinguishable (TOST p = {:.3f})" if m["equivalent"] else "not shown indistinguishable (TOST p = {:.3f})"
-        typer.echo(f"{m['model']:>24}: MRMC AUC {m['auc']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}] "
-                   f"(df {m['df']:.1f}), {verdict.format(m['tost_p'])} within 0.5 +- {mrmc['delta']}")
+        typer.echo(_mrmc_line(m, mrmc["delta"]))
     if mrmc.get("skipped"):
         typer.echo(f"MRMC analysis skipped: {mrmc['skipped']}")
     typer.echo(f"tables and plots in {out}")
+
+
+def _num(value: Any, spec: str) -> str:
+    """A statistic for the terminal; JSON turns NaN/inf (zero variance, one reader) into None."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a" if value is None or math.isnan(value) else str(value)
+    return format(value, spec)
+
+
+def _mrmc_line(m: dict[str, Any], delta: float) -> str:
+    verdict = "indistinguishable" if m["equivalent"] else "not shown indistinguishable"
+    lo, hi = m["ci"] if m.get("ci") else (None, None)
+    return (f"{m['model']:>24}: MRMC AUC {_num(m['auc'], '.3f')} [{_num(lo, '.3f')}, {_num(hi, '.3f')}] "
+            f"(df {_num(m['df'], '.1f')}), {verdict} (TOST p = {_num(m['tost_p'], '.3f')}) within 0.5 +- {delta}")
 
 
 @app.command("simulate")
