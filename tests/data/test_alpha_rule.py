@@ -81,3 +81,22 @@ def test_features_of_a_transparent_image_are_those_of_its_flattened_pixels(tmp_p
     feats = extract_features([path, flat], ext, None).features
     assert np.array_equal(feats[0], feats[1])
     assert ext.id.endswith(DECODE_VERSION)
+
+
+def test_evaluation_sees_a_rotated_jpeg_upright_as_training_does(tmp_path):
+    """A JPEG with an EXIF orientation tag is trained on upright (data.preprocess applies the tag);
+    evaluation (FID features, memorization) must compare that same upright picture, not the raw one."""
+    from synthcxr.data.preprocess import read_gray
+    from synthcxr.evaluate.images import decode_image
+
+    upright = np.zeros((24, 40), dtype=np.uint8)
+    upright[:, :10] = 255  # a bright band on the left
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored rotated ...
+    exif = Image.Exif()
+    exif[0x0112] = 8  # ... with "rotate 90 CW to display" (orientation 8 undoes ROTATE_90)
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=100)
+    trained = np.asarray(read_gray(path))
+    evaluated = decode_image(path.read_bytes(), path)
+    assert trained.shape == evaluated.shape[:2] == (24, 40)
+    assert np.abs(evaluated[..., 0].astype(int) - trained.astype(int)).max() <= 1

@@ -45,8 +45,9 @@ from synthcxr.logging_utils import get_logger, progress_bar
 log = get_logger(__name__)
 
 #: Part of every feature-cache key; bump it when decoding changes pixels, so stale features are never
-#: reused. "decode2": alpha is composited over black (`data.preprocess.flatten_alpha`), as in training.
-DECODE_VERSION = "decode2"
+#: reused. "decode2": alpha is composited over black (`data.preprocess.flatten_alpha`), as in training;
+#: "decode3": JPEG EXIF orientation is applied, as in training.
+DECODE_VERSION = "decode3"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

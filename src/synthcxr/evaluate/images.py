@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from synthcxr.data.labels import LABELS  # noqa: F401 - the one label vocabulary (data layer)
 from synthcxr.errors import DataError
@@ -172,7 +172,8 @@ def decode_image(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
     pixels, except that alpha follows the data layer's one rule (`data.preprocess.flatten_alpha`:
     composited over black, as the model was trained) where clean-fid drops it. High-bit-depth
     grayscale (16-bit PNG, 12-bit data in 16-bit containers, float TIFF) and DICOM are scaled to
-    0..255 by the data layer's rules (`synthcxr.data`) instead of being clipped.
+    0..255 by the data layer's rules (`synthcxr.data`) instead of being clipped. A JPEG's EXIF
+    orientation is applied, as in training (clean-fid ignores it; only tagged JPEGs differ).
     """
     try:
         if data[128:132] == b"DICM":
@@ -184,6 +185,8 @@ def decode_image(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
             return _gray_to_rgb(gray)
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            if img.format == "JPEG":  # upright, as the data layer trains on it (no-op without the tag)
+                img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 from synthcxr.data.preprocess import to_grayscale
 
