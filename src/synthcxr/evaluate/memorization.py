@@ -50,6 +50,8 @@ FALLBACK_THRESHOLDS = {"copy_similarity": 0.97, "feature_cosine": 0.95}
 """Used only without a null. Copy similarity: on the 16 Shenzhen test images, different patients
 reach at most 0.94 and planted near copies at least 0.98 (64 px). Feature cosine: the long-standing
 default, meaningful only for pretrained extractors."""
+FLAGGED_INLINE = 100
+"""Flagged pairs kept in the results JSON; all of them (any number) go to `flagged_file` when there are more."""
 THUMB = 8
 """Side of the thumbnails that pick image-space candidates (coarse enough to tolerate the search range)."""
 
@@ -380,25 +382,41 @@ def calibrate(null: np.ndarray | None, quantile: float, fixed: float | None, fal
     return out
 
 
-def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_paths: list[Path], train_paths: list[Path],
-                       *, holdout_feats: np.ndarray | None = None, holdout_paths: list[Path] | None = None,
-                       holdout_source: str = "hold-out", search: CopySearch | None = None, candidates: int = 10,
-                       quantile: float = 0.99, feature_threshold: float | None = None,
-                       copy_threshold: float | None = None, flag_by_features: bool = True, null_images: int = 1000,
-                       top_pairs: int = 8, pairs_dir: Path | None = None,
-                       images: DecodedImageCache | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Nearest training image per synthetic image by features and by copy similarity; calibrated flags.
+@dataclass
+class NullCalibration:
+    """Thresholds calibrated on the null (real images that are not copies) and where they came from."""
 
-    The null comes from `holdout_*` (real images not in the training set) when given, else from the
-    training set leave-one-out. `flag_by_features`: False for random-weight extractors, whose cosines
-    are reported but flag nothing (they mostly measure noise). At most `null_images` (a seeded random
-    subset) form the null. `images` is the run's decoded-image cache.
-    """
-    if len(fake_feats) == 0 or len(train_feats) == 0:
-        raise EvaluationError("memorization needs at least one synthetic and one training image")
-    search = search or CopySearch()
-    # 1. the null: real images that are not copies, against the training set
-    train_px = load_gray_stack(train_paths, search.size, images)
+    thresholds: dict[str, dict[str, Any]]
+    """{"copy_similarity": {...}, "feature_cosine": {...}}, each as `calibrate` returns it."""
+    kind: str
+    """hold-out, leave-one-out or none (fixed fallbacks)."""
+    note: str
+    n_null: int
+
+    @property
+    def copy_threshold(self) -> float:
+        return float(self.thresholds["copy_similarity"]["threshold"])
+
+    @property
+    def feature_threshold(self) -> float:
+        return float(self.thresholds["feature_cosine"]["threshold"])
+
+
+def is_flagged(copy_sim: float, feat_sim: float, copy_threshold: float, feature_threshold: float,
+               flag_by_features: bool) -> bool:
+    """The one flag rule: above the copy-similarity threshold, or (pretrained features only) the feature one."""
+    return bool(copy_sim > copy_threshold or (flag_by_features and feat_sim > feature_threshold))
+
+
+def calibrate_null(train_feats: np.ndarray, train_px: np.ndarray, train_paths: list[Path], *,
+                   holdout_feats: np.ndarray | None = None, holdout_paths: list[Path] | None = None,
+                   holdout_source: str = "hold-out", search: CopySearch, candidates: int = 10, quantile: float = 0.99,
+                   feature_threshold: float | None = None, copy_threshold: float | None = None,
+                   null_images: int = 1000, images: DecodedImageCache | None = None,
+                   device: str = "cpu") -> NullCalibration:
+    """Both thresholds from the null: hold-outs against the training set when there are at least
+    `MIN_NULL`, else leave-one-out within the training set, else the fixed fallbacks.
+    `train_px`: the training images at `search.size` (N x S x S in [0, 1])."""
     n_hold = len(holdout_paths or [])
     rng = np.random.default_rng(0)
     null: Nearest | None = None
@@ -430,7 +448,36 @@ def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_pat
         "feature_cosine": calibrate(null.feat_sim if null else None, quantile, feature_threshold,
                                     FALLBACK_THRESHOLDS["feature_cosine"]),
     }
-    t_copy, t_feat = thresholds["copy_similarity"]["threshold"], thresholds["feature_cosine"]["threshold"]
+    return NullCalibration(thresholds, null_kind, null_note, int(len(null.copy_sim)) if null is not None else 0)
+
+
+def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_paths: list[Path], train_paths: list[Path],
+                       *, holdout_feats: np.ndarray | None = None, holdout_paths: list[Path] | None = None,
+                       holdout_source: str = "hold-out", search: CopySearch | None = None, candidates: int = 10,
+                       quantile: float = 0.99, feature_threshold: float | None = None,
+                       copy_threshold: float | None = None, flag_by_features: bool = True, null_images: int = 1000,
+                       top_pairs: int = 8, pairs_dir: Path | None = None, flagged_file: Path | None = None,
+                       images: DecodedImageCache | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Nearest training image per synthetic image by features and by copy similarity; calibrated flags.
+
+    The null comes from `holdout_*` (real images not in the training set) when given, else from the
+    training set leave-one-out. `flag_by_features`: False for random-weight extractors, whose cosines
+    are reported but flag nothing (they mostly measure noise). At most `null_images` (a seeded random
+    subset) form the null. `images` is the run's decoded-image cache. With more than `FLAGGED_INLINE`
+    flagged images, all of them are written to `flagged_file` (JSONL, one compact line each), so a
+    release filter can remove every one; the result gives its name (it belongs beside the results JSON).
+    """
+    if len(fake_feats) == 0 or len(train_feats) == 0:
+        raise EvaluationError("memorization needs at least one synthetic and one training image")
+    search = search or CopySearch()
+    # 1. the null: real images that are not copies, against the training set
+    train_px = load_gray_stack(train_paths, search.size, images)
+    cal = calibrate_null(train_feats, train_px, train_paths, holdout_feats=holdout_feats, holdout_paths=holdout_paths,
+                         holdout_source=holdout_source, search=search, candidates=candidates, quantile=quantile,
+                         feature_threshold=feature_threshold, copy_threshold=copy_threshold, null_images=null_images,
+                         images=images, device=device)
+    thresholds, null_kind, null_note = cal.thresholds, cal.kind, cal.note
+    t_copy, t_feat = cal.copy_threshold, cal.feature_threshold
 
     # 2. the synthetic images
     fake_px = load_gray_stack(fake_paths, search.size, images)
@@ -446,7 +493,7 @@ def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_pat
             "nearest_by_feature": str(train_paths[near.feat_nn[i]]), "feature_cosine": float(near.feat_sim[i]),
             "nearest_by_copy": str(train_paths[near.copy_nn[i]]), "copy_similarity": float(near.copy_sim[i]),
             "alignment": {**meta[near.warp[i]], "shift_px": [int(v) for v in near.shift[i]]},
-            "flagged": bool(near.copy_sim[i] > t_copy or (flag_by_features and near.feat_sim[i] > t_feat)),
+            "flagged": is_flagged(near.copy_sim[i], near.feat_sim[i], t_copy, t_feat, flag_by_features),
         })
     order = sorted(range(len(pairs)), key=lambda i: (-pairs[i]["copy_similarity"], -pairs[i]["feature_cosine"]))
     top = [pairs[i] for i in order[:top_pairs]]
@@ -468,10 +515,26 @@ def memorization_check(fake_feats: np.ndarray, train_feats: np.ndarray, fake_pat
         "n_synthetic": len(fake_paths), "n_train": len(train_paths),
         "feature_cosine": _summary(near.feat_sim), "copy_similarity": _summary(near.copy_sim),
         "calibration": {"null": null_kind, "note": null_note, "quantile": quantile,
-                        "n_null": int(len(null.copy_sim)) if null is not None else 0},
+                        "n_null": cal.n_null},
         "thresholds": thresholds, "flag_by_features": flag_by_features, "search": covered, "candidates": {"by_feature": candidates, "by_thumbnail": candidates},
         "not_flagged_means": not_flagged,
         "n_flagged": len(flagged), "flagged_fraction": len(flagged) / len(pairs),
-        "flagged": flagged[:100], "top_pairs": top,
+        "flagged": flagged[:FLAGGED_INLINE], "top_pairs": top,
+        "flagged_file": _write_flagged(flagged, flagged_file) if len(flagged) > FLAGGED_INLINE else None,
         "pairs_dir": str(pairs_dir) if pairs_dir is not None else None,
     }
+
+
+def _write_flagged(flagged: list[dict[str, Any]], path: Path | None) -> str | None:
+    """Every flagged pair, one compact JSON line each (atomically); the file's name, or None without a path."""
+    if path is None:
+        log.warning("%d images flagged: the results list the first %d (pass flagged_file to list all)",
+                    len(flagged), FLAGGED_INLINE)
+        return None
+    import json
+
+    from synthcxr.fileio import atomic_write_text
+
+    keys = ("synthetic", "nearest_by_copy", "copy_similarity", "nearest_by_feature", "feature_cosine")
+    atomic_write_text(path, "".join(json.dumps({k: p[k] for k in keys}) + "\n" for p in flagged))
+    return Path(path).name

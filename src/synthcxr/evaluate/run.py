@@ -305,7 +305,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             holdout_paths=hold_paths, holdout_source=hold_source, search=mc.search(), candidates=mc.candidates,
             quantile=mc.quantile, feature_threshold=mc.feature_threshold, copy_threshold=mc.copy_threshold,
             flag_by_features=flag_by_features, null_images=mc.null_images, top_pairs=mc.top_pairs, pairs_dir=pairs_dir if mc.top_pairs else None,
-            images=images, device=resolve_device(cfg.extractor.device))
+            flagged_file=cfg.out.with_name(f"{cfg.out.stem}_flagged.jsonl"), images=images, device=resolve_device(cfg.extractor.device))
         results["memorization"]["train_source"] = "train" if cfg.train is not None else "real"
         if results["memorization"]["calibration"]["null"] != "hold-out":
             warnings.append(f"memorization thresholds: {results['memorization']['calibration']['note']}")

@@ -3,8 +3,9 @@
 - duplicates: images with identical pixels (hashed after decoding, so two PNGs that differ only in
   their provenance text still count as one image); the lowest index is kept.
 - memorization: images the evaluation flagged as near copies of training images (`synthcxr
-  evaluate` results JSON). The JSON lists at most 100 flagged images; a longer list cannot be
-  filtered exactly from it, so export stops rather than release unlisted copies.
+  evaluate` results JSON). The JSON lists at most 100 flagged images; when there are more, all of
+  them are in the JSONL it names (`flagged_file`, beside the JSON). Without that file export stops
+  rather than release unlisted copies.
 - conditioning: the real-trained classifier must agree with the label an image was generated for
   (a CSV of `file,score`, score = probability of the positive class, thresholded at `threshold`).
 """
@@ -22,6 +23,7 @@ from typing import Any
 from PIL import Image
 
 from synthcxr.errors import ConfigError, DataError
+from synthcxr.fileio import read_jsonl
 
 POSITIVE = {"label": "tuberculosis"}
 """The class whose probability a conditioning score gives (the utility classifier's positive class)."""
@@ -92,12 +94,7 @@ def memorization(rows: list[dict[str, Any]], gen_dir: Path, evaluation: dict[str
         raise ConfigError("the evaluation results hold no memorization check", file=source,
                           fix="run `synthcxr evaluate` with the memorization metric and a training set (--train), "
                               "or export without --evaluation")
-    flagged = mem["flagged"]
-    if mem.get("n_flagged", len(flagged)) > len(flagged):
-        raise ConfigError(f"the evaluation flagged {mem['n_flagged']} images but lists only {len(flagged)}, so the "
-                          "others cannot be removed", file=source,
-                          fix="look at the flagged pairs and the model first (this many near copies means the model "
-                              "memorizes); evaluate and export smaller parts of the set if you still want to release it")
+    flagged = _all_flagged(mem, source)
     listed = {_relative(p["synthetic"], gen_dir) for p in flagged}
     unknown = listed - {r["file"] for r in rows}
     if flagged and unknown == listed:
@@ -109,6 +106,27 @@ def memorization(rows: list[dict[str, Any]], gen_dir: Path, evaluation: dict[str
     if isinstance(thresholds, dict) and thresholds:
         note += " (" + ", ".join(f"{k} > {v.get('value', v) if isinstance(v, dict) else v}" for k, v in thresholds.items()) + ")"
     return FilterResult("memorization", [r["file"] for r in rows if r["file"] in listed], note)
+
+
+def _all_flagged(mem: dict[str, Any], source: Path) -> list[dict[str, Any]]:
+    """Every flagged pair: the JSON's list, or the complete `flagged_file` beside it when the list is cut."""
+    flagged = mem["flagged"]
+    n_flagged = mem.get("n_flagged", len(flagged))
+    if n_flagged <= len(flagged):
+        return flagged
+    fix = ("re-run `synthcxr evaluate` with this version (it writes every flagged image to <out>_flagged.jsonl "
+           "beside the results) and keep that file next to the JSON")
+    if not mem.get("flagged_file"):
+        raise ConfigError(f"the evaluation flagged {n_flagged} images but lists only {len(flagged)}, so the "
+                          "others cannot be removed", file=source, fix=fix)
+    path = Path(source).parent / mem["flagged_file"]  # an absolute name stays absolute
+    if not path.is_file():
+        raise ConfigError(f"the list of all {n_flagged} flagged images is missing", file=path, fix=fix)
+    listed = read_jsonl(path)
+    if len(listed) != n_flagged:
+        raise ConfigError(f"the list of flagged images holds {len(listed)} lines but the evaluation flagged {n_flagged}",
+                          file=path, fix=fix)
+    return listed
 
 
 def read_scores(path: Path) -> dict[str, float]:
