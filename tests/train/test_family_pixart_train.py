@@ -1,6 +1,7 @@
-"""Training the tiny PixArt-Σ: full fine-tuning and DreamBooth train 3 steps (the transformer moves,
-T5 and the VAE stay bit-identical), the exported pipeline loads in plain diffusers, and LoRA and T5
-training are refused before any work."""
+"""Training the tiny PixArt-Σ: full fine-tuning, DreamBooth and LoRA train 3 steps (the transformer or its
+adapters move, T5 and the VAE stay bit-identical), the exported pipeline (LoRA: merged, and a peft adapter
+folder) loads in plain diffusers/peft with the pixels `synthcxr generate` makes, and T5 training and a LoRA
+file export are refused before any work."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _snapshot(models):
     return {f"{k}.{n}": p.detach().clone() for k, m in modules.items() for n, p in m.named_parameters()}
 
 
-@pytest.mark.parametrize("method", ["full", "dreambooth"])
+@pytest.mark.parametrize("method", ["full", "dreambooth", "lora"])
 def test_every_method_trains_three_steps(method, pixart_config, tmp_path):
     from synthcxr.train.loop import fit, setup
 
@@ -41,6 +42,7 @@ def test_every_method_trains_three_steps(method, pixart_config, tmp_path):
     after = _snapshot(session.models)
     trainable = set(session.trainable)
     assert {k.split(".")[0] for k in trainable} == {"transformer"}
+    assert all(("lora_" in k) == (method == "lora") for k in trainable)
     moved = {k for k in trainable if not bool((before[k] == after[k]).all())}
     frozen_moved = [k for k in after if k not in trainable and not bool((before[k] == after[k]).all())]
     assert len(moved) >= 0.9 * len(trainable) and frozen_moved == []
@@ -72,9 +74,50 @@ def test_full_run_loads_in_plain_diffusers_with_the_pixels_generate_makes(pixart
     assert np.abs(px[0] - px[1]).max() > 0, "training did not change the model"
 
 
-@pytest.mark.parametrize(("method", "match"), [({"name": "lora"}, "no LoRA loader"),
+def test_lora_exports_merged_and_as_a_peft_folder_with_the_pixels_generate_makes(pixart_config, read_trainable,
+                                                                                 tmp_path, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from PIL import Image
+
+    from synthcxr.generate.sample import GenerateConfig, generate_images
+    from synthcxr.models.families import get_family
+    from synthcxr.train.loop import train
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1780000000")
+    run = train(pixart_config(method={"name": "lora"}, optimizer={"lr": 5e-2},
+                              train={"max_steps": 3, "checkpoint_every": 3}), tmp_path / "run")
+    info = json.loads((run / "synthcxr_model.json").read_text())
+    assert info["pipeline"] == "final" and info["lora"] is None and info["merged_adapter"] == "lora"
+    assert info["peft_adapter"] == "final/peft_adapter"
+    pixart = get_family("pixart").pipeline_cls()
+
+    def gen(out, pipe=None, model=run):
+        folder = generate_images(GenerateConfig(model=str(model), prompt="a chest x-ray", n=1, steps=2,
+                                                out=tmp_path / out), pipe=pipe)
+        return np.asarray(Image.open(folder / "00000.png")).astype(int)
+
+    ours = gen("ours")
+    merged = pixart.from_pretrained(str(run / "final"))
+    merged.set_progress_bar_config(disable=True)
+    assert np.array_equal(gen("merged", merged), ours)
+    # the adapter on the untouched base model, through peft alone
+    base = str(pixart_config().model.path)
+    plain = pixart.from_pretrained(base)
+    plain.set_progress_bar_config(disable=True)
+    before = gen("base", plain, base)
+    plain.transformer = PeftModel.from_pretrained(plain.transformer, str(run / info["peft_adapter"]))
+    trained = {k.replace(".default.", "."): v for k, v in read_trainable(run).items()}
+    loaded = {"transformer." + n.removeprefix("base_model.model.").replace(".default.", "."): p.detach()
+              for n, p in plain.transformer.named_parameters() if "lora_" in n}
+    assert set(trained) == set(loaded) and all(torch.equal(loaded[k], v) for k, v in trained.items())
+    assert np.abs(gen("peft", plain) - ours).max() <= 1
+    assert np.abs(ours - before).max() > 0, "the LoRA did not change the output"
+
+
+@pytest.mark.parametrize(("method", "match"), [({"name": "lora", "export": "lora_file"}, "no LoRA loader"),
                                                ({"name": "full", "train_text_encoder": True}, "no CLIP text encoder")])
-def test_lora_and_t5_training_are_refused_before_any_work(method, match, pixart_config, tmp_path):
+def test_a_lora_file_and_t5_training_are_refused_before_any_work(method, match, pixart_config, tmp_path):
     from synthcxr.train.loop import train
 
     with pytest.raises(ConfigError, match=match):

@@ -29,6 +29,11 @@ def check_family_config(cfg: Any) -> Any:
     if cfg.method.name in family.refused_methods:
         raise ConfigError(f"method {cfg.method.name} is not possible for {family.label}: "
                           f"{family.refused_methods[cfg.method.name]}", fix="choose another method.name")
+    if cfg.method.export == "lora_file" and not family.lora_file_loader:
+        raise ConfigError(f"method.export=lora_file: {family.pipeline_class} has no LoRA loader in diffusers (no "
+                          "load_lora_weights), so the file could not be used outside synthcxr",
+                          fix="remove method.export: the LoRA is exported merged into a pipeline folder and as a "
+                              "peft adapter folder (final/peft_adapter)")
     if cfg.model.drop_t5 and not family.droppable_t5():
         raise ConfigError(f"model.drop_t5: {family.label} has no T5 text encoder to drop (or cannot work without it)",
                           fix="remove model.drop_t5")

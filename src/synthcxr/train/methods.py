@@ -154,7 +154,12 @@ def _unet_adapter(unet: Any, cfg: MethodSection) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Invalid `oft_block_size`")  # checked below, as an error
-            unet.add_adapter(_adapter_config(cfg, cfg.target_modules))
+            if hasattr(unet, "add_adapter"):
+                unet.add_adapter(_adapter_config(cfg, cfg.target_modules))
+            else:  # a denoiser without diffusers' PeftAdapterMixin (PixArt): peft's own injection, same keys
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(_adapter_config(cfg, cfg.target_modules), unet)
     except ValueError as exc:
         raise ConfigError(f"method {cfg.name} cannot adapt the UNet's {cfg.target_modules}: {exc}",
                           fix="change method.target_modules, method.rank or method.block_size") from exc
@@ -254,6 +259,26 @@ def _export_merged(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str,
     return {"pipeline": out_dir.name, "lora": None, "merged_adapter": cfg.method.name}
 
 
+PEFT_FOLDER = "peft_adapter"
+
+
+def _export_merged_and_peft(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """LoRA of a family whose pipeline has no LoRA loader (PixArt-Σ): merged as `_export_merged` does, and the
+    adapter as a peft folder (`final/peft_adapter`) that `PeftModel.from_pretrained(pipe.transformer, folder)` loads."""
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    info = _export_merged(models, out_dir, cfg)
+    folder = out_dir / PEFT_FOLDER
+    _adapter_config(cfg.method, lora_targets(cfg.method, models.family)).save_pretrained(str(folder))
+    # PeftModel.save_pretrained's key layout: the wrapped model's names under base_model.model.
+    weights = {f"base_model.model.{k}": v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in get_peft_model_state_dict(models.unet).items()}
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    return {**info, "peft_adapter": f"{out_dir.name}/{PEFT_FOLDER}"}
+
+
 # --------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Method:
@@ -274,19 +299,22 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method_for(cfg: MethodSection) -> Method:
-    """The registry entry, with the export the config asks for (method.export=merged for a LoRA)."""
+def method_for(cfg: MethodSection, family: Any = None) -> Method:
+    """The registry entry, with the export the config asks for (method.export=merged for a LoRA) or the family
+    allows (a LoRA of a family without a LoRA loader: merged plus a peft adapter folder)."""
     from dataclasses import replace
 
     method = METHODS[cfg.name]
-    if cfg.export == "merged" and method.export is _export_lora:
+    if method.export is _export_lora and family is not None and not family.lora_file_loader:
+        method = replace(method, export=_export_merged_and_peft)
+    elif cfg.export == "merged" and method.export is _export_lora:
         method = replace(method, export=_export_merged)
     return method
 
 
 def apply_method(models: Models, cfg: MethodSection) -> Method:
     """Set requires_grad / add adapters; the VAE never trains."""
-    method = method_for(cfg)
+    method = method_for(cfg, models.family)
     models.vae.requires_grad_(False)
     method.unet(models.unet, cfg.model_copy(update={"target_modules": lora_targets(cfg, models.family)}))
     trained = trained_text_encoders(cfg, models.family)

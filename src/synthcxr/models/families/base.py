@@ -76,6 +76,9 @@ class Family:
     """diffusers' `infer_diffusers_model_type` names of single-file checkpoints of this family."""
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments when loading/building the pipeline (e.g. no safety checker)."""
+    lora_file_loader: bool = True
+    """The pipeline has `load_lora_weights`. Without one (PixArt-Σ) a LoRA leaves training merged into a
+    pipeline folder plus a peft adapter folder (`PeftModel.from_pretrained(pipe.transformer, folder)`)."""
     lora_key_format: str = "diffusers"
     """LoRA file keys: "diffusers" (lora.down/up; SD and SDXL examples convert to it) or "peft" (lora_A/B;
     the SD3/Flux/Sana examples save peft keys as they are, and their loaders expect them)."""

@@ -71,7 +71,7 @@ PIXART = PixArt(
     # CheXGenBench's sampling for PixArt-Σ: 20 steps, guidance 4.5 (DPM-Solver++, the pipeline's scheduler)
     sample=SampleDefaults(steps=20, guidance=4.5, scheduler="dpmsolver++", resolution=1024),
     schedulers=DDPM_SAMPLERS,
-    refused_methods={"lora": "PixArtSigmaPipeline has no LoRA loader in diffusers (no load_lora_weights), so a "
-                             "LoRA file could not be used outside synthcxr; use method.name=full (the public "
-                             "benchmark's PixArt-Σ recipe) or dreambooth"},
+    # diffusers has no LoRA loader for PixArt (no load_lora_weights, no PeftAdapterMixin): a LoRA is exported
+    # merged into a pipeline folder and as a peft adapter folder, the two forms plain libraries load
+    lora_file_loader=False,
 )
