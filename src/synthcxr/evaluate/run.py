@@ -348,7 +348,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             results["utility"] = utility_check(
                 labelled, sets["test"].items if "test" in sets else None, sets["fake"].items, cfg.utility,
                 device=resolve_device(cfg.extractor.device), seed=cfg.seed,
-                split_path=cfg.out.with_name(f"{cfg.out.stem}_split.json"), images=images, split_file=cfg.split)
+                split_path=cfg.out.with_name(f"{cfg.out.stem}_split.json"), images=images, split_file=cfg.split,
+                scores_path=cfg.out.with_name(f"{cfg.out.stem}_label_scores.csv"))
             warnings += results["utility"].pop("warnings", [])
         timings["utility"] = time.perf_counter() - t0
 

@@ -339,13 +339,15 @@ def _sub(kw: dict[str, Any], seeds: np.ndarray) -> dict[str, Any]:
 def utility_check(train_items: list[ImageItem], test_items: list[ImageItem] | None, fake_items: list[ImageItem],
                   cfg: UtilityConfig, *, device: str, seed: int, split_path: Path | None,
                   images: DecodedImageCache | None = None, val_items: list[ImageItem] | None = None,
-                  split_source: str | None = None, split_file: Path | None = None) -> dict[str, Any]:
+                  split_source: str | None = None, split_file: Path | None = None,
+                  scores_path: Path | None = None) -> dict[str, Any]:
     """AUC of real / synthetic / real+synthetic classifiers on real test patients, and conditioning fidelity.
 
     With `split_file` (a saved data-layer split, e.g. the one the generator trained with) its train,
     val and test patients are used; else `test_items` (a --test set) or a patient-level split made
-    here, saved to `split_path`. `images` is the run's decoded-image cache. Returns the results
-    dict; its "warnings" list is for the caller.
+    here, saved to `split_path`. `images` is the run's decoded-image cache. `scores_path`: a CSV of
+    each labelled synthetic image's score (`file,label,score`), which `export-dataset` filters on
+    without retraining. Returns the results dict; its "warnings" list is for the caller.
     """
     warnings: list[str] = []
     if split_file is not None:
@@ -474,6 +476,10 @@ def utility_check(train_items: list[ImageItem], test_items: list[ImageItem] | No
     label_cond, warn = conditioning(fake_items, y_fk, np.stack(real_fake_scores) if len(y_fk) else None,
                                     thresholds, "label", cfg, seed)
     warnings += warn
+    if scores_path is not None and len(y_fk) and "skipped" not in label_cond:
+        label_cond["scores_file"] = write_scores(scores_path, fk_items, np.stack(real_fake_scores))
+        label_cond["score"] = (f"mean '{TARGETS['label'][1]}' probability of the {len(seeds)} real-trained "
+                               "classifier(s), per synthetic image")
     results["conditioning"] = {"label": label_cond}
     if cfg.sex:
         sex_cond, warn = _sex_conditioning(sides["train"], sides["val"], fake_items, cfg, device, seed, images,
@@ -482,6 +488,22 @@ def utility_check(train_items: list[ImageItem], test_items: list[ImageItem] | No
         warnings += warn
     results["warnings"] = warnings
     return results
+
+
+def write_scores(path: Path, items: list[ImageItem], scores: np.ndarray) -> str:
+    """`file,label,score` CSV (score: mean over the seeds' classifiers), written atomically; returns its name."""
+    import csv
+    import io
+
+    from synthcxr.fileio import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "label", "score"])
+    for item, score in zip(items, scores.mean(axis=0), strict=True):
+        writer.writerow([str(item.path), item.label, f"{float(score):.6f}"])
+    atomic_write_text(path, buf.getvalue())
+    return Path(path).name
 
 
 def conditioning(fake_items: list[ImageItem], y: np.ndarray, scores: np.ndarray | None, thresholds: np.ndarray | None,

@@ -14,8 +14,9 @@ def export_dataset(
     format: Annotated[str, typer.Option("--format", help="imagefolder, parquet or webdataset.")] = "imagefolder",
     shard_size: Annotated[int, typer.Option(help="Images per shard (subfolder, Parquet file or tar file).")] = 1000,
     evaluation: Annotated[Path | None, typer.Option(help="`synthcxr evaluate` results JSON: removes flagged near copies; numbers go into the card.")] = None,
-    label_scores: Annotated[Path | None, typer.Option(help="CSV file,score: real-trained classifier's positive-class probability per image.")] = None,
+    label_scores: Annotated[Path | None, typer.Option(help="CSV file,score: real-trained classifier's positive-class probability per image (default: the one --evaluation saved).")] = None,
     label_threshold: Annotated[float, typer.Option(help="Score threshold of the conditioning filter.")] = 0.5,
+    conditioning: Annotated[bool, typer.Option("--conditioning/--no-conditioning", help="Conditioning-fidelity filter on the scores --evaluation saved.")] = True,
     dedupe: Annotated[bool, typer.Option("--dedupe/--no-dedupe", help="Remove images with identical pixels.")] = True,
     name: Annotated[str | None, typer.Option(help="Data set name in the card (default: the --out folder's name).")] = None,
 ) -> None:
@@ -28,7 +29,7 @@ def export_dataset(
         raise ConfigError(f"unknown format {format!r}{did_you_mean(format, FORMATS)}", fix=f"use one of: {', '.join(FORMATS)}")
     summary = run(gen_dir, out, ExportOptions(format=format, shard_size=shard_size, evaluation=evaluation,  # type: ignore[arg-type]
                                               label_scores=label_scores, label_threshold=label_threshold,
-                                              dedupe=dedupe, name=name))
+                                              conditioning=conditioning, dedupe=dedupe, name=name))
     removed = ", ".join(f"{f['name']} -{f['removed']}" for f in summary["filters"]) or "no filters"
     typer.echo(f"{summary['images_out']} of {summary['images_in']} images ({removed}) in {summary['shards']} "
                f"{format} shard(s): {out.resolve()} (card: README.md, checksums: SHA256SUMS)")

@@ -50,8 +50,11 @@ class ExportOptions:
     evaluation: Path | None = None
     """`synthcxr evaluate` results JSON: memorization flags are removed, its numbers go into the card."""
     label_scores: Path | None = None
-    """`file,score` CSV of the real-trained classifier's positive-class probability (conditioning filter)."""
+    """`file,score` CSV of the real-trained classifier's positive-class probability (conditioning filter);
+    default: the one the evaluation saved, when `evaluation` is given and ran the utility metric."""
     label_threshold: float = 0.5
+    conditioning: bool = True
+    """Filter on the scores the evaluation saved (`utility`'s `<out>_label_scores.csv`) when no CSV is given."""
     dedupe: bool = True
     name: str | None = None
     """Pretty name for the card (default: the output folder's name)."""
@@ -183,7 +186,9 @@ def export_dataset(gen_dir: str | os.PathLike, out: str | os.PathLike, opts: Exp
         raise ConfigError("the export folder is inside the generation folder", file=out,
                           fix="choose an --out folder outside the generation folder")
     evaluation = filters.read_evaluation(opts.evaluation) if opts.evaluation else None
-    scores = filters.read_scores(opts.label_scores) if opts.label_scores else None
+    scores_source = opts.label_scores or (filters.evaluation_scores(evaluation, opts.evaluation)
+                                          if evaluation is not None and opts.conditioning else None)
+    scores = filters.read_scores(scores_source) if scores_source else None
     rows = read_generation(gen_dir)
     total = len(rows)
 
@@ -199,7 +204,7 @@ def export_dataset(gen_dir: str | os.PathLike, out: str | os.PathLike, opts: Exp
     elif evaluation is not None:
         log.warning("%s holds no memorization check: no image was removed for memorization", opts.evaluation)
     if scores is not None:
-        applied.append(filters.conditioning(rows, scores, opts.label_threshold, opts.label_scores))
+        applied.append(filters.conditioning(rows, scores, opts.label_threshold, scores_source))
         rows = filters.apply(rows, applied[-1:])
     if not rows:
         raise ConfigError("the filters removed every image; nothing to export", file=gen_dir,

@@ -7,7 +7,8 @@
   them are in the JSONL it names (`flagged_file`, beside the JSON). Without that file export stops
   rather than release unlisted copies.
 - conditioning: the real-trained classifier must agree with the label an image was generated for
-  (a CSV of `file,score`, score = probability of the positive class, thresholded at `threshold`).
+  (a CSV of `file,score`, score = probability of the positive class, thresholded at `threshold`);
+  `synthcxr evaluate`'s utility metric saves that CSV beside its results, so no retraining is needed.
 """
 
 from __future__ import annotations
@@ -151,13 +152,26 @@ def read_scores(path: Path) -> dict[str, float]:
         raise ConfigError("scores CSV not found", file=path, fix="check the --label-scores path") from None
 
 
+def evaluation_scores(evaluation: dict[str, Any], source: Path) -> Path | None:
+    """The per-image classifier scores the evaluation saved beside its JSON (None when it did not run utility)."""
+    name = (((evaluation.get("utility") or {}).get("conditioning") or {}).get("label") or {}).get("scores_file")
+    if not name:
+        return None
+    path = Path(source).parent / name
+    if not path.is_file():
+        raise ConfigError("the evaluation's per-image classifier scores are missing", file=path,
+                          fix="keep the scores CSV next to the evaluation JSON (or re-run `synthcxr evaluate`), "
+                              "pass another with --label-scores, or skip the filter with --no-conditioning")
+    return path
+
+
 def conditioning(rows: list[dict[str, Any]], scores: dict[str, float], threshold: float, source: Path,
                  attr: str = "label") -> FilterResult:
     """Drop images whose classifier score disagrees with the label they were generated for."""
     positive, negative = POSITIVE[attr], NEGATIVE[attr]
     result = FilterResult("conditioning", note=f"the real-trained classifier's {positive} probability "
                           f">= {threshold} exactly when the image was generated as {positive} (images generated "
-                          f"as {negative} or {positive} only)", checked=set())
+                          f"as {negative} or {positive} only; scores from {Path(source).name})", checked=set())
     rows = [r for r in rows if r.get(attr) in (positive, negative)]  # other findings: the classifier cannot say
     missing = [r["file"] for r in rows if Path(r["file"]).name not in scores]
     if missing:
