@@ -65,6 +65,11 @@ class ModelSection(Section):
     """Leave out the optional T5 text encoder (SD3/3.5: ~9 GB in bf16); its tokens become zeros, as in
     StableDiffusion3Pipeline(text_encoder_3=None). Recorded with the run; generate then drops it too."""
 
+    quantize: Literal["none", "nf4"] = "none"
+    """Hold the frozen denoiser in 4-bit (nf4: bitsandbytes NF4, i.e. QLoRA as in diffusers' Flux example), with
+    LoRA adapters trained on top; Flux.1-dev then fits a 24 GB GPU. LoRA only; the LoRA file applies to the
+    unquantized base."""
+
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str | None) -> str | None:

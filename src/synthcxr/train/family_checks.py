@@ -17,6 +17,7 @@ def check_family_config(cfg: Any) -> Any:
     """Return the run's family after checking `cfg` (a TrainConfig) against it."""
     from synthcxr.models.families import family_for
     from synthcxr.models.load import resolve_source
+    from synthcxr.models.quantize import check_quantize_config
     from synthcxr.train.methods import trained_text_encoders
 
     source = resolve_source(cfg.model.path)
@@ -38,6 +39,7 @@ def check_family_config(cfg: Any) -> Any:
         raise ConfigError(f"model.drop_t5: {family.label} has no T5 text encoder to drop (or cannot work without it)",
                           fix="remove model.drop_t5")
     trained_text_encoders(cfg.method, family)  # raises for T5/Gemma or unknown encoder names
+    check_quantize_config(cfg)
     if family.objective != "ddpm":
         if cfg.model.prediction_type is not None:
             raise ConfigError(f"model.prediction_type does not apply to {family.label} (flow matching)",

@@ -499,6 +499,7 @@ def _park(encoders: Any) -> None:
 def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Session | None:
     import torch
 
+    from synthcxr.models.quantize import check_quantization_runs, quantize_linear_layers
     from synthcxr.train import methods as M
     from synthcxr.train.cache import (
         build_latent_cache,
@@ -524,11 +525,14 @@ def setup(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> Sessio
         logging.getLogger("synthcxr").setLevel(logging.WARNING)
     _determinism(cfg)
     weight_dtype = getattr(torch, DTYPES[cfg.train.mixed_precision])
+    check_quantization_runs(cfg.model.quantize, accelerator.device)
 
     # 2. inputs, read and checked before anything is written: a bad data folder or model path leaves no
     # run directory behind that the corrected command would then have to resume or refuse
     records, splits = _read_data(cfg, accelerator.num_processes, resuming=state == "resume")
     models, base_model, objective = _load_models(cfg)
+    if cfg.model.quantize != "none":  # QLoRA: the frozen base in 4-bit before any adapter is added
+        quantize_linear_layers(models.unet, cfg.model.quantize, accelerator.device, weight_dtype)
 
     # 3. the run directory: config first (a run dir with its config can always be resumed)
     run = RunDir(root)
@@ -806,6 +810,7 @@ def finish(session: Session) -> Path:
         to_eval_weights(s.optimizer)  # schedule-free: export the averaged weights validation scored
         if s.ema is not None:
             s.ema.copy_to(list(s.trainable.values()))
+        from synthcxr.models.quantize import base_parameter_count
         from synthcxr.train.methods import export_final
 
         unwrapped = s.unwrapped_models()
@@ -820,7 +825,7 @@ def finish(session: Session) -> Path:
         summary = {
             "method": s.cfg.method.name, "optimizer": s.cfg.optimizer.name, "family": s.models.family.name,
             "family_label": s.models.family.label, "resolution": s.cfg.data.resolution,
-            "model_params": int(sum(p.numel() for n, p in s.models.unet.named_parameters() if "lora_" not in n)),
+            "model_params": base_parameter_count(s.models.unet),  # a 4-bit base counted unpacked
             "steps": s.total,
             "epochs": s.plan.epoch_of(s.total - 1) + 1 if s.total else 0,
             "global_batch": s.cfg.train.batch_size * s.accelerator.num_processes * s.cfg.train.gradient_accumulation,
