@@ -35,7 +35,17 @@ def evaluate(
         data["metrics"] = [m.strip() for m in metrics.split(",") if m.strip()]
     data = apply_overrides(data, overrides or [])
     cfg = build_config(EvaluateConfig, data, str(config) if config else "command line")
-    results = run_evaluate(cfg)
+    from synthcxr.generate.shard import Shard
+
+    shard = Shard.from_env()  # torchrun / accelerate launch: the ranks share the feature extraction
+    if shard.world > 1:
+        from synthcxr.evaluate.distributed import evaluate_ranks
+
+        results = evaluate_ranks(cfg, shard)
+        if results is None:  # not rank 0: its features are in the cache, rank 0 writes the results
+            return
+    else:
+        results = run_evaluate(cfg)
     print_results(results, cfg.out)
 
 

@@ -168,13 +168,37 @@ class EvaluateConfig(StrictModel):
         return list(dict.fromkeys(value))
 
 
+def read_sets(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Role -> image set: real and fake always; train, test and the memorization hold-outs when given."""
+    from synthcxr.evaluate.images import read_image_set
+
+    sets = {"real": read_image_set(cfg.real, "real"), "fake": read_image_set(cfg.fake, "fake")}
+    if cfg.train is not None:
+        sets["train"] = read_image_set(cfg.train, "train")
+    if cfg.test is not None:
+        sets["test"] = read_image_set(cfg.test, "test")
+    if "memorization" in cfg.metrics and cfg.memorization.holdout is not None:
+        sets["holdout"] = read_image_set(cfg.memorization.holdout, "holdout")
+    return sets
+
+
+def feature_roles(cfg: EvaluateConfig, sets: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(roles whose `extractor` features fidelity and memorization need, memorization's null roles)."""
+    # memorization's null: real images not in the training set (an explicit hold-out set, or --real/--test)
+    # (without --train, --real is the training set and cannot be part of it)
+    null_roles = ["holdout"] if "holdout" in sets else [
+        r for r in ("real", "test") if r in sets and not (r == "real" and cfg.train is None)]
+    needs_features = {"fidelity": ["real", "fake"], "memorization": ["fake", "train", *null_roles]}
+    return sorted({r for m, rs in needs_features.items() if m in cfg.metrics for r in rs}), null_roles
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the configured metrics and write the results JSON (atomically) to `cfg.out`."""
     from synthcxr.evaluate.diversity import within_set_msssim
     from synthcxr.evaluate.features import FeatureCache, build_extractor, default_cache_dir, extract_features
     from synthcxr.evaluate.fidelity import fidelity_metrics
     from synthcxr.evaluate.imagecache import DecodedImageCache
-    from synthcxr.evaluate.images import load_gray_stack, read_image_set
+    from synthcxr.evaluate.images import load_gray_stack
     from synthcxr.evaluate.memorization import holdout_images, memorization_check
     from synthcxr.evaluate.utility import utility_check
 
@@ -185,25 +209,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     images = DecodedImageCache(cfg.image_cache_mb * 2**20) if cfg.image_cache_mb > 0 else None
 
     # 1. image sets
-    sets = {"real": read_image_set(cfg.real, "real"), "fake": read_image_set(cfg.fake, "fake")}
-    if cfg.train is not None:
-        sets["train"] = read_image_set(cfg.train, "train")
-    if cfg.test is not None:
-        sets["test"] = read_image_set(cfg.test, "test")
-    if "memorization" in cfg.metrics and cfg.memorization.holdout is not None:
-        sets["holdout"] = read_image_set(cfg.memorization.holdout, "holdout")
+    sets = read_sets(cfg)
     train_set = sets.get("train", sets["real"])
     if cfg.train is None and ("memorization" in cfg.metrics or "utility" in cfg.metrics):
         warnings.append("no --train set given: memorization and the classifier use the --real images as the training set")
 
     # 2. features (only what fidelity and memorization need), cached by content hash
     cache_dir = cfg.cache_dir or default_cache_dir()
-    # memorization's null: real images not in the training set (an explicit hold-out set, or --real/--test)
-    # (without --train, --real is the training set and cannot be part of it)
-    null_roles = ["holdout"] if "holdout" in sets else [
-        r for r in ("real", "test") if r in sets and not (r == "real" and cfg.train is None)]
-    needs_features = {"fidelity": ["real", "fake"], "memorization": ["fake", "train", *null_roles]}
-    roles = sorted({r for m, rs in needs_features.items() if m in cfg.metrics for r in rs})
+    roles, null_roles = feature_roles(cfg, sets)
     feats: dict[str, Any] = {}
     hashes: dict[str, list[str]] = {}
     feature_counts: dict[str, dict[str, int]] = {}

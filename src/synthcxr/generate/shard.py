@@ -63,6 +63,10 @@ class Shard:
         """This shard's batches: batch k (by its first image's index) when k mod world == rank."""
         return [b for b in batches if (b[0][0].index // batch_size) % self.world == self.rank]
 
+    def share(self, items: list[Any], batch_size: int) -> list[Any]:
+        """This shard's items, in whole batches: items [k*B, (k+1)*B) when k mod world == rank."""
+        return [x for i, x in enumerate(items) if (i // batch_size) % self.world == self.rank]
+
     def device(self, device: str) -> str:
         """`auto` on a multi-GPU job: this rank's GPU (LOCAL_RANK)."""
         if self.group and device == "auto":
