@@ -142,3 +142,33 @@ def test_quantize_is_a_typed_option():
     assert ModelSection().quantize == "none"
     with pytest.raises(ValueError, match="nf4"):
         ModelSection(quantize="int3")
+
+
+@needs_cpu_nf4
+def test_nf4_resume_onto_a_freshly_quantized_base_is_bit_identical(family_config, read_trainable, tmp_path):
+    import torch
+
+    from synthcxr.train.loop import train
+
+    run = train(family_config(train={"max_steps": 2, "checkpoint_every": 1}), tmp_path / "run")
+    (run / "DONE").unlink()
+    train(family_config(train={"max_steps": 3, "checkpoint_every": 1}), run, resume=True)
+    reference = train(family_config(train={"max_steps": 3, "checkpoint_every": 1}), tmp_path / "ref")
+    resumed, straight = read_trainable(run), read_trainable(reference)
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+@needs_cpu_nf4
+def test_the_gpu_measurement_script_runs_its_step_on_a_small_flux_here():
+    """benchmarks/flux_qlora.py --full-size measures on a GPU; its step runs here on a small config."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "flux_qlora.py"
+    spec = importlib.util.spec_from_file_location("flux_qlora", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+             "joint_attention_dim": 32, "pooled_projection_dim": 16, "axes_dims_rope": (4, 6, 6)}
+    result = bench.full_size_case("nf4", 1, 32, device="cpu", **small)
+    assert result["finite_losses"] and result["trainable_params"] > 0 and result["img_per_s"] > 0
