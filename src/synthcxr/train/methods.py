@@ -234,13 +234,14 @@ def _export_merged(models: Models, out_dir: Path, cfg: TrainConfig) -> dict[str,
 
     family = models.family
     pipe = load_pipeline(cfg.model.path, prediction_type=cfg.model.prediction_type,
-                         single_file_config=cfg.model.single_file_config, load_lora=False, family=family.name)
+                         single_file_config=cfg.model.single_file_config, load_lora=False, family=family.name,
+                         drop_t5=cfg.model.drop_t5)  # a T5 the run trained without stays out of the export
     fresh = Models(unet=getattr(pipe, family.denoiser), vae=pipe.vae, text_encoder=pipe.text_encoder,
                    tokenizer=pipe.tokenizer, scheduler=models.scheduler, noise_scheduler=None, family=family,
                    text_encoders={s.encoder: getattr(pipe, s.encoder) for s in family.text_encoders},
                    tokenizers={s.tokenizer: getattr(pipe, s.tokenizer) for s in family.text_encoders})
     for module in (fresh.unet, fresh.vae, *fresh.text_encoders.values()):
-        if module.dtype != torch.float32:  # (.to() on an fp32 model only prints a diffusers notice)
+        if module is not None and module.dtype != torch.float32:  # (.to() on an fp32 model only prints a diffusers notice)
             module.to(torch.float32)
     parts = [("unet", models.unet, fresh.unet, lora_targets(cfg.method, family))]
     for name in trained_text_encoders(cfg.method, family):
