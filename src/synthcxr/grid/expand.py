@@ -8,7 +8,7 @@ base: lora_adamw.yaml          # a train config (path relative to this file, or 
 set: {train.max_steps: 800}    # optional overrides applied to the base for every run
 axes:
   model:                       # model.path; a label -> per-model overrides (or a list of paths)
-    sdxl: {model.path: /models/sdxl, data.resolution: 1024}
+    sdxl: {model.path: /models/sdxl, data.resolution: 1024, generate.resolution: 1024}  # generate.*: its sampling
   method: [dreambooth, lora]   # short name for method.name
   optimizer:                   # value -> override block applied on top for that value
     adamw: {optimizer.lr: 1.0e-4}
@@ -57,6 +57,8 @@ AXIS_ALIASES: dict[str, str] = {
     "seed": "train.seed",
 }
 """Short axis names users type, mapped to the train-config key they set."""
+GENERATE_PREFIX = "generate."
+"""Axis-value block keys with this prefix set that run's generate settings, not its train config."""
 
 BASELINE_NAME = "baseline"
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -126,6 +128,9 @@ class RunSpec:
     """For the baseline: the model sampled without training."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted keys this run changes relative to the base config (shown in the report)."""
+    generate: dict[str, Any] = field(default_factory=dict)
+    """This run's generate settings over the grid's shared ones (`generate.*` keys of its axis value's block:
+    a family's own resolution, steps and guidance)."""
 
     @property
     def is_baseline(self) -> bool:
@@ -137,7 +142,7 @@ class RunSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "axes": self.axes, "train": self.train, "model": self.model,
-                "overrides": self.overrides, "baseline": self.is_baseline}
+                "overrides": self.overrides, "generate": self.generate, "baseline": self.is_baseline}
 
 
 @dataclass
@@ -152,6 +157,10 @@ class GridPlan:
     launcher: LauncherSpec
     source: str = "<grid>"
     base: dict[str, Any] = field(default_factory=dict)
+
+    def generate_for(self, run: RunSpec) -> dict[str, Any]:
+        """The generate settings of one run: the shared ones with the run's own on top."""
+        return {**self.generate, **run.generate}
 
     def select(self, only: list[str] | None) -> list[RunSpec]:
         """The runs named in `only` (all when empty); unknown names fail with a "did you mean"."""
@@ -351,7 +360,8 @@ def expand_grid(
     for axis, values in axis_values.items():
         for value, block in values:
             for key in block:
-                check_key(schema, key, what=f"axis {axis!r} value {value!r}", source=source)
+                if not key.startswith(GENERATE_PREFIX):  # generate.* keys are checked with the run's settings
+                    check_key(schema, key, what=f"axis {axis!r} value {value!r}", source=source)
 
     combos: list[tuple[dict[str, Any], dict[str, Any], str | None]] = []
     for picks in itertools.product(*axis_values.values()) if grid.axes else []:
@@ -388,13 +398,15 @@ def expand_grid(
     for combo, overrides, name in combos:
         run_name = name or "-".join(_value_label(a, v) for a, v in combo.items()) or "run"
         data = copy.deepcopy(base)
+        generate = {k.removeprefix(GENERATE_PREFIX): v for k, v in overrides.items() if k.startswith(GENERATE_PREFIX)}
         for key, value in {**base_set, **overrides}.items():
-            set_path(data, key, value)
+            if not key.startswith(GENERATE_PREFIX):
+                set_path(data, key, value)
         resolved = data
         if schema is not None:
             cfg = build_config(schema, data, f"{source} (run {run_name!r})")
             resolved = cfg.model_dump(mode="json")
-        runs.append(RunSpec(name=run_name, axes=combo, train=resolved, overrides=overrides))
+        runs.append(RunSpec(name=run_name, axes=combo, train=resolved, overrides=overrides, generate=generate))
 
     if grid.baseline:
         spec = grid.baseline if isinstance(grid.baseline, BaselineSpec) else BaselineSpec()
@@ -426,6 +438,9 @@ def expand_grid(
             evaluate["real"] = real
     if schema is not None:
         check_stage_settings(grid.generate, evaluate, source)
+        for run in runs:
+            if run.generate:
+                check_stage_settings({**grid.generate, **run.generate}, evaluate, f"{source} (run {run.name!r})")
     return GridPlan(name=grid.name, runs=runs, generate=dict(grid.generate), evaluate=evaluate,
                     study=grid.study if grid.study and grid.study.enabled else None,
                     launcher=grid.launcher, source=source, base=base)

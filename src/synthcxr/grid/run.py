@@ -420,7 +420,7 @@ def _run_local(plan: GridPlan, runs: list[RunSpec], out_dir: Path, stages: Stage
     results = []
     for i, spec in enumerate(runs, 1):
         log.info("run %d/%d: %s", i, len(runs), spec.name)
-        results.append(run_one(spec, out_dir, plan.generate, plan.evaluate, stages))
+        results.append(run_one(spec, out_dir, plan.generate_for(spec), plan.evaluate, stages))
         if results[-1].status == "interrupted":
             log.warning("stopping the grid: %s was interrupted", spec.name)
             break
@@ -439,7 +439,7 @@ def _run_submitit(plan: GridPlan, runs: list[RunSpec], out_dir: Path, stages: St
         executor.update_parameters(**params)
     jobs = []
     for spec in runs:
-        job = executor.submit(run_one, spec, out_dir, plan.generate, plan.evaluate, stages)
+        job = executor.submit(run_one, spec, out_dir, plan.generate_for(spec), plan.evaluate, stages)
         log.info("submitted %s as job %s", spec.name, getattr(job, "job_id", "?"))
         jobs.append((spec, job))
     results = []
