@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,18 +50,30 @@ def _open_locked(out: Path, busy: tuple[str, str] = GENERATE_BUSY, name: str = L
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputBusyError(busy[0], file=out, fix=busy[1]) from None
+                raise OutputBusyError(f"{busy[0]} (lock {lock_path} is held by {_holder(lock_path)})", file=out,
+                                      fix=busy[1]) from None
             raise
         # the previous holder unlinks the file before releasing it: a lock on an unlinked file
         # guards nothing, so try again with the file now at that path
         try:
             if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())  # who holds it, for the refused
                 return fd, created
         except FileNotFoundError:
             pass
         os.close(fd)
     raise OutputBusyError("could not take the output folder's lock (it keeps being replaced)", file=out,
                           fix="check that no other program is creating and removing files in this folder")
+
+
+def _holder(lock_path: Path) -> str:
+    """'process PID on HOST' as the holder wrote it into the lock file (or 'another process')."""
+    try:
+        pid, host = lock_path.read_text().split()
+        return f"process {int(pid)} on {host}"
+    except (OSError, ValueError):
+        return "another process"
 
 
 @contextmanager
