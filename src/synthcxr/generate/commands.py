@@ -39,6 +39,8 @@ def generate(
     fuse_qkv: Annotated[bool | None, typer.Option("--fuse-qkv/--no-fuse-qkv", help="Fused attention q/k/v projections (default: on for CUDA).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet (default: on for CUDA).")] = None,
     decode_batch_size: Annotated[int | None, typer.Option(help="Latents per VAE decode call.")] = None,
+    privacy_filter: Annotated[str | None, typer.Option(help="Discard and regenerate (next seed) images too close to the training set: "
+                                                            "an `evaluate` results JSON (its memorization thresholds) or auto (calibrate; --set privacy.train=DIR).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with any of these settings.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: key=value (repeatable), e.g. captions.template=...")] = None,
     launcher: Annotated[str, typer.Option(help="local (this process; under torchrun/accelerate each rank takes its share) or slurm (--shards cluster jobs via submitit).")] = "local",
@@ -60,6 +62,8 @@ def generate(
         "channels_last": channels_last, "fuse_qkv": fuse_qkv, "compile": compile, "decode_batch_size": decode_batch_size,
     }
     data.update({k: v for k, v in explicit.items() if v is not None})
+    if privacy_filter is not None:
+        data.setdefault("privacy", {})["filter"] = privacy_filter
     if "model" not in data:
         from synthcxr.errors import ConfigError
 
@@ -90,3 +94,7 @@ def generate(
     else:
         out_dir = generate_images(cfg)
     typer.echo(f"images in {out_dir.resolve()} (manifest: {(out_dir / MANIFEST).resolve()})")
+    if cfg.privacy.filter is not None:
+        from synthcxr.generate.privacy_filter import summary_line
+
+        typer.echo(summary_line(out_dir) or "privacy filter: no image checked")

@@ -31,7 +31,7 @@ SHARD_GLOB = "manifest.shard-*.jsonl"
 """Lines written by one process of a sharded generation; merged into MANIFEST by the lock holder."""
 RUN_SETTINGS = ("model", "scheduler", "steps", "guidance", "resolution", "dtype", "prediction_type")
 """Settings shared by every image of one generation."""
-IMAGE_SETTINGS = (*RUN_SETTINGS, "prompt", "negative_prompt", "seed")
+IMAGE_SETTINGS = (*RUN_SETTINGS, "prompt", "negative_prompt", "seed", "privacy_filter")
 """Settings that decide one image; a listed image must agree on all of them to be reused."""
 
 
@@ -165,13 +165,13 @@ class ManifestState:
         if self.done:
             log.info("resuming: %d of %d images already in %s", len(self.done), len(self.planned), self.out)
 
-    def write(self, index: int, data: bytes, *, created: str) -> dict[str, Any]:
-        """Write one image atomically, then append its manifest line; returns the line."""
+    def write(self, index: int, data: bytes, *, created: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write one image atomically, then append its manifest line (plus `extra` fields); returns the line."""
         from synthcxr.fileio import sha256_bytes
 
         name = self.names[index]
         atomic_write_bytes(self.out / name, data)
-        row = {**self.planned[name], "sha256": sha256_bytes(data), "created": created}
+        row = {**self.planned[name], **(extra or {}), "sha256": sha256_bytes(data), "created": created}
         append_jsonl(self.out / self.shard_file if self.shard_file else self.path, row)
         self.done.add(index)
         return row

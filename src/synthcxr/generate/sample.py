@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from synthcxr.config import StrictModel, save_config
 from synthcxr.data.config import CaptionConfig
 from synthcxr.errors import ConfigError
+from synthcxr.generate.privacy_filter import PrivacyFilterConfig
 from synthcxr.generate.schedulers import check_scheduler_name
 from synthcxr.logging_utils import get_logger
 
@@ -81,6 +83,8 @@ class GenerateConfig(StrictModel):
     """torch.compile the UNet (slow first batch, faster after); default: on for CUDA."""
     decode_batch_size: int | None = Field(None, ge=1)
     """Latents decoded per VAE call; default: the whole batch (CPU) or min(batch, 8) (CUDA)."""
+    privacy: PrivacyFilterConfig = Field(default_factory=PrivacyFilterConfig)
+    """--privacy-filter eval.json|auto: discard and regenerate images too close to the training set (privacy_filter.py)."""
 
     @field_validator("model", mode="before")
     @classmethod
@@ -163,6 +167,7 @@ def generate_images(
     part of a multi-process generation (default: from torchrun/accelerate's RANK/WORLD_SIZE; see shard.py).
     """
     from synthcxr.generate.export import EXPORTERS
+    from synthcxr.generate.privacy_filter import plan_filter, prepare_filter
     from synthcxr.generate.prompts import plan_jobs
     from synthcxr.generate.shard import Shard, hold_output
 
@@ -175,16 +180,21 @@ def generate_images(
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("output path exists and is a file", file=out, fix="pass a folder for --out")
+    privacy_plan = plan_filter(cfg.privacy, cfg.model)  # a bad evaluation JSON stops here, before any work
 
     # one writer per folder: a second generate into it fails here, before loading a model
     with hold_output(out, shard):
-        return _generate(cfg, pipe, on_image, out=out, device=device, dtype=dtype, jobs=jobs, exporter=exporter,
-                         shard=shard)
+        screen = prepare_filter(privacy_plan, cfg.privacy, out) if privacy_plan else None
+        done = _generate(cfg, pipe, on_image, out=out, device=device, dtype=dtype, jobs=jobs, exporter=exporter,
+                         shard=shard, screen=screen)
+    if screen is not None:
+        screen.raise_if_left_out(out)
+    return done
 
 
 def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]], None] | None, *, out: Path,
-              device: str, dtype: Any, jobs: list[Any], exporter: Any, shard: Any) -> Path:
-    """The body of `generate_images`, run while holding the output folder's lock."""
+              device: str, dtype: Any, jobs: list[Any], exporter: Any, shard: Any, screen: Any = None) -> Path:
+    """The body of `generate_images`, run while holding the output folder's lock. `screen`: the privacy filter."""
     import torch
 
     from synthcxr.generate.export import Provenance, provenance_time
@@ -218,6 +228,9 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
     rows = plan_rows(jobs, model=model_name, scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance,
                      resolution=resolution, dtype=_dtype_name(dtype), suffix=exporter.suffix,
                      prediction_type=pipe.scheduler.config.get("prediction_type", family.objective))
+    if screen is not None:  # a resume must use the same filter (thresholds, extractor, training set)
+        for row in rows.values():
+            row["privacy_filter"] = screen.fingerprint
     from synthcxr.generate.shard import open_manifest
 
     state = open_manifest(out, rows, shard)
@@ -244,33 +257,44 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
         return embeds[key]
 
     series_key = state.series_key
+
+    def sample(batch: list[Any], seeds: list[int]) -> list[Any]:
+        """Denoise and decode: one CPU generator per image, so an image's noise depends on its seed only."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        latents = pipe(
+            **_stack([encode(job.prompt, job.negative_prompt) for job in batch]),
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            output_type="latent",
+            return_dict=False,
+        )[0]
+        # decode in chunks (bounds VAE memory at high resolution)
+        return _decode(pipe, family, latents, decode_batch)
+
     log.info("generating %d of %d images into %s (%s, %d steps, %s, %s)", len(pending), len(jobs), out,
              cfg.scheduler, cfg.steps, device, _dtype_name(dtype))
     with progress_bar(len(jobs), "generating", completed=len(jobs) - len(pending)) as (progress, task), \
             torch.inference_mode():
         for batch, todo in shard.batches(_aligned_batches(jobs, pending, cfg.batch_size), cfg.batch_size):
-            # 5. denoise: one CPU generator per image, so image i's noise depends on seed + i only
-            generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
-            latents = pipe(
-                **_stack([encode(job.prompt, job.negative_prompt) for job in batch]),
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-                output_type="latent",
-                return_dict=False,
-            )[0]
-            # 6. decode in chunks (bounds VAE memory at high resolution) and write each image
-            images = _decode(pipe, family, latents, decode_batch)
+            # 5. denoise and decode: image i's noise depends on seed + i only
+            images = sample(batch, [job.seed for job in batch])
+            # 6. write each image (with the privacy filter: once it passes, see privacy_filter.py)
             for job, image in zip(batch, images, strict=True):
                 if job.index not in todo:
                     continue  # finished before an interruption; recomputed only to keep batches aligned
                 prov = Provenance(model=model_name, prompt=job.prompt, negative_prompt=job.negative_prompt,
                                   seed=job.seed, scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance,
                                   created=provenance_time(), extra=job.attributes)
-                data = exporter.encode(image, prov, series_key, job.index + 1)
-                row = state.write(job.index, data, created=prov.created.isoformat())
+                data, extra = exporter.encode(image, prov, series_key, job.index + 1), None
+                if screen is not None:
+                    data, extra = screen.screen(job.index, job.seed, data, lambda seed, job=job, prov=prov: exporter.encode(
+                        sample([job], [seed])[0], replace(prov, seed=seed), series_key, job.index + 1))
+                    if data is None:
+                        continue  # every candidate rejected: left out, named when the run ends
+                row = state.write(job.index, data, created=prov.created.isoformat(), extra=extra)
                 if on_image is not None:
                     on_image(row)
             progress.advance(task, len(todo))  # once per batch, so the rate (and ETA) is per batch time
