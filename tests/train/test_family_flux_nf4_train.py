@@ -172,3 +172,24 @@ def test_the_gpu_measurement_script_runs_its_step_on_a_small_flux_here():
              "joint_attention_dim": 32, "pooled_projection_dim": 16, "axes_dims_rope": (4, 6, 6)}
     result = bench.full_size_case("nf4", 1, 32, device="cpu", **small)
     assert result["finite_losses"] and result["trainable_params"] > 0 and result["img_per_s"] > 0
+
+
+@needs_cpu_nf4
+def test_nf4_dreambooth_lora_with_prior_preservation_and_a_merged_export(family_config, tiny_family_model, tmp_path):
+    """DreamBooth-LoRA (instance prompt, class images from the quantized base) trains; export=merged folds the
+    adapters into a fresh unquantized copy of the base, which plain diffusers loads."""
+    import bitsandbytes as bnb
+
+    from synthcxr.models.families import get_family
+    from synthcxr.train.loop import train
+
+    run = train(family_config(method={"name": "lora", "prompts": "instance", "prior_preservation": True,
+                                      "num_class_images": 2, "class_image_steps": 1, "export": "merged"},
+                              train={"max_steps": 2, "checkpoint_every": 2}), tmp_path / "run")
+    info = json.loads((run / "synthcxr_model.json").read_text())
+    assert info["pipeline"] == "final" and info["merged_adapter"] == "lora"
+    merged = get_family("flux").pipeline_cls().from_pretrained(str(run / "final"))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.transformer.modules())
+    plain = get_family("flux").pipeline_cls().from_pretrained(str(tiny_family_model("flux")))
+    base, new = dict(plain.transformer.named_parameters()), dict(merged.transformer.named_parameters())
+    assert base.keys() == new.keys() and any(not bool((base[k] == new[k]).all()) for k in base)
