@@ -254,3 +254,15 @@ def test_reid_scores_are_recorded_and_reject_above_their_threshold(world, tiny_m
         generate_images(cfg_for(tiny_model_dir, tmp_path / "reid_strict",
                                 {**privacy, "max_tries": 2, "reid": {"weights": str(weights), "threshold": score / 2}},
                                 n=1), pipe=pipe)
+
+
+def test_export_dataset_records_the_privacy_filter_and_the_seed_that_made_each_file(world, tmp_path):
+    from synthcxr.release.export import ExportOptions, export_dataset
+
+    export_dataset(world["filtered"], tmp_path / "release", ExportOptions(dedupe=False))
+    meta = {m["file_name"]: m for m in read_jsonl(next((tmp_path / "release").rglob("metadata.jsonl")))}
+    assert all(m["filters_passed"] == ["privacy_filter"] for m in meta.values())
+    assert meta[f"{COPIED:05d}.png"]["seed"] == COPIED + RETRY_STRIDE and meta["00000.png"]["seed"] == 0
+    export_dataset(world["plain"], tmp_path / "plain_release", ExportOptions(dedupe=False))
+    plain = read_jsonl(next((tmp_path / "plain_release").rglob("metadata.jsonl")))
+    assert all(m["filters_passed"] == [] for m in plain)

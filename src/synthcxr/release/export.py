@@ -96,6 +96,7 @@ def read_generation(gen_dir: Path) -> list[dict[str, Any]]:
 
 def _metadata(row: dict[str, Any], passed: list[str]) -> dict[str, Any]:
     meta = {k: row.get(k) for k in METADATA_KEYS}
+    meta["seed"] = row.get("seed_used", meta["seed"])  # privacy-filtered generation: the seed that made the file
     meta["filters_passed"] = passed
     return meta
 
@@ -223,7 +224,8 @@ def export_dataset(gen_dir: str | os.PathLike, out: str | os.PathLike, opts: Exp
     (tmp / _MARK).touch()
     shards = _shards(rows, opts.shard_size)
     def passed(row: dict[str, Any]) -> list[str]:
-        return [f.name for f in applied if f.checked is None or row["file"] in f.checked]
+        at_generation = ["privacy_filter"] if (row.get("privacy") or {}).get("decision") == "kept" else []
+        return at_generation + [f.name for f in applied if f.checked is None or row["file"] in f.checked]
 
     files = WRITERS[opts.format](tmp, gen_dir, shards, lambda r: _metadata(r, passed(r)))
     summary = {
