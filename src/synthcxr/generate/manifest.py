@@ -31,7 +31,7 @@ SHARD_GLOB = "manifest.shard-*.jsonl"
 """Lines written by one process of a sharded generation; merged into MANIFEST by the lock holder."""
 RUN_SETTINGS = ("model", "scheduler", "steps", "guidance", "resolution", "dtype", "prediction_type")
 """Settings shared by every image of one generation."""
-IMAGE_SETTINGS = (*RUN_SETTINGS, "prompt", "negative_prompt", "seed", "privacy_filter")
+IMAGE_SETTINGS = (*RUN_SETTINGS, "prompt", "negative_prompt", "seed", "privacy_filter", "vae_tiling")
 """Settings that decide one image; a listed image must agree on all of them to be reused."""
 
 

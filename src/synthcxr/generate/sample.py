@@ -231,6 +231,9 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
     if screen is not None:  # a resume must use the same filter (thresholds, extractor, training set)
         for row in rows.values():
             row["privacy_filter"] = screen.fingerprint
+    if cfg.vae_tiling:  # tiles decoded apart and blended give other pixels: a resume must tile alike
+        for row in rows.values():  # (recorded only when on, so folders from before the key still resume)
+            row["vae_tiling"] = True
     from synthcxr.generate.shard import open_manifest
 
     state = open_manifest(out, rows, shard)
@@ -245,6 +248,8 @@ def _generate(cfg: GenerateConfig, pipe: Any, on_image: Callable[[dict[str, Any]
     _apply_speed_options(pipe, cfg, on_gpu, getattr(pipe, family.denoiser))
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()
+    elif getattr(pipe.vae, "use_tiling", False):  # a reused pipeline tiled for an earlier call
+        pipe.vae.disable_tiling()
     decode_batch = cfg.decode_batch_size or (min(cfg.batch_size, 8) if on_gpu else cfg.batch_size)
     do_cfg = cfg.guidance > 1
     embeds: dict[tuple[str, str], dict[str, Any]] = {}
