@@ -20,11 +20,11 @@ from synthcxr.fileio import atomic_write_text
 from synthcxr.grid.summary import cell, study_metrics, summary_table
 from synthcxr.logging_utils import get_logger
 from synthcxr.report import plots
-from synthcxr.report.collect import Metric, ReportData, RunData, load_report_data
+from synthcxr.report.collect import Metric, ReportData, RunData, fidelity_tables, load_report_data
 
 log = get_logger(__name__)
 
-LOWER_IS_BETTER = ("fid", "kid", "loss", "ms_ssim", "msssim", "memoriz", "copy", "flagged", "similarity", "nn_")
+LOWER_IS_BETTER = ("fid", "kid", "cmmd", "loss", "ms_ssim", "msssim", "memoriz", "copy", "flagged", "similarity", "nn_")
 HIGHER_IS_BETTER = ("precision", "recall", "density", "coverage", "auc", "accuracy", "realism", "judged_real",
                     "fraction_real", "agreement")
 
@@ -229,6 +229,31 @@ def _study_section(data: ReportData) -> dict[str, Any] | None:
             "error": error, "other": other}
 
 
+NOT_COMPARABLE = ("random weights: not comparable with published numbers or with other extractors "
+                  "(the network was not trained; smoke tests only)")
+
+
+def _fidelity_tables(data: ReportData) -> list[dict[str, Any]]:
+    """One table per feature space (runs as rows), titled with its extractor, so every number says
+    which network's features it was computed on and numbers of two feature spaces never share a table."""
+    groups: dict[tuple[Any, Any], dict[str, dict[str, Metric]]] = {}
+    for run in data.runs:
+        for extractor, metrics in fidelity_tables(run.eval or {}):
+            key = (extractor["name"], extractor["pretrained"])
+            groups.setdefault(key, {})[run.name] = {m.name: m for m in metrics}
+    tables = []
+    for (name, pretrained), runs in groups.items():
+        columns = list(dict.fromkeys(n for metrics in runs.values() for n in metrics))
+        rows = [{"run": run, **metrics} for run, metrics in runs.items()]
+        best = {c: _best(rows, c) for c in columns}
+        tables.append({
+            "extractor": name, "not_comparable": pretrained is False, "columns": columns,
+            "rows": [{"run": r["run"], "cells": [(r[c].format() if c in r else "–", best[c] == r["run"]) for c in columns]}
+                     for r in rows],
+        })
+    return tables
+
+
 def baseline_changes(data: ReportData, metrics: tuple[str, ...] = ("kid", "fid")) -> list[dict[str, Any]]:
     """Each fine-tuned run's KID/FID beside the base model's (the grid's baseline run): what fine-tuning did.
 
@@ -258,6 +283,9 @@ def baseline_changes(data: ReportData, metrics: tuple[str, ...] = ("kid", "fid")
 
 def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -> dict[str, Any]:
     columns, rows, kinds = summary_table(data)
+    # other feature spaces' numbers (`fid[dinov2]`, `cmmd[clip]`) are shown in their own fidelity tables
+    columns = [c for c in columns if "[" not in c]
+    kinds = {k: [c for c in names if "[" not in c] for k, names in kinds.items()}
     best = {c: _best(rows, c) for c in [*kinds["eval"], *kinds["study"], "val_loss"]}
     table = [{"cells": [(cell(r.get(c)), c in best and best[c] == r["run"] and best[c] is not None) for c in columns],
               "run": r["run"]} for r in rows]
@@ -312,6 +340,8 @@ def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -
         "config_keys": config_keys,
         "config_rows": config_rows,
         "memorization": _memorization(data, thumb),
+        "fidelity_tables": _fidelity_tables(data),
+        "not_comparable_text": NOT_COMPARABLE,
         "study": _study_section(data),
     }
 

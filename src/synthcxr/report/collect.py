@@ -261,6 +261,27 @@ def _feature_spaces(data: dict[str, Any]) -> list[Metric]:
     return out
 
 
+def fidelity_tables(data: dict[str, Any]) -> list[tuple[dict[str, Any], list[Metric]]]:
+    """(extractor, its numbers) for every feature space of one evaluation: the main extractor's fidelity,
+    each `fidelity_by_extractor` table and CMMD. The extractor is {"name": str | None, "pretrained":
+    bool | None}; None where the JSON does not say (then the numbers are not comparable with any other)."""
+    def extractor(table: dict[str, Any]) -> dict[str, Any]:
+        info = table.get("extractor") if isinstance(table.get("extractor"), dict) else {}
+        pretrained = table.get("extractor_pretrained", info.get("pretrained"))
+        return {"name": info.get("name"), "pretrained": pretrained if isinstance(pretrained, bool) else None}
+
+    fidelity = [(col, path[1:], keys) for col, path, keys in CURATED if path[0] == "fidelity"]
+    out = []
+    for table in [data, *(data.get("fidelity_by_extractor") or [])]:
+        node = data.get("fidelity") if table is data else table
+        if isinstance(node, dict) and (metrics := _curated(node, fidelity)):
+            out.append((extractor(table), metrics))
+    cmmd = data.get("cmmd")
+    if isinstance(cmmd, dict) and (metric := _metric_from("cmmd", cmmd)):
+        out.append((extractor(cmmd), [metric]))
+    return out
+
+
 def extract_metrics(data: dict[str, Any], prefix: str = "", depth: int = 0) -> list[Metric]:
     """The numbers (with CIs when given) of an evaluation result.
 
