@@ -28,5 +28,7 @@ def test_family_train_step_and_generate_benchmarks_run(tmp_path):
         assert result["family"] == "sd3" and math.isfinite(result["ratio_ours_vs_reference"])
         assert result["ratio_ours_vs_reference"] > 0
     assert (tmp_path / "t.json").is_file()
-    with pytest.raises(SystemExit, match="sdxl and sd3"):
+    full = bench.train_step_benchmark("pixart", res=32, bs=1, warmup=1, repeats=1, steps=1)  # full fine-tuning
+    assert full["method"] == "full" and math.isfinite(full["ratio_ours_vs_reference"])
+    with pytest.raises(SystemExit, match="covers sdxl, sd3, flux, pixart, sana"):
         bench.train_step_benchmark("sd", res=32, bs=1, warmup=1, repeats=1, steps=1)
