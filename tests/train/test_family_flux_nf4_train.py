@@ -47,19 +47,20 @@ needs_cpu_nf4 = pytest.mark.skipif(_bnb_runs_here() is not None, reason=f"{_bnb_
 
 
 @needs_cpu_nf4
-def test_nf4_lora_trains_three_steps_and_the_quantized_base_stays_bit_identical(family_config, tmp_path):
+@pytest.mark.parametrize("family", ["flux", "sd3", "sdxl"])  # any family's denoiser; Flux is the one that needs it
+def test_nf4_lora_trains_three_steps_and_the_quantized_base_stays_bit_identical(family, family_config, tmp_path):
     import bitsandbytes as bnb
     import torch
 
     from synthcxr.train.loop import fit, setup
 
-    session = setup(family_config(train={"max_steps": 3, "checkpoint_every": 3}), tmp_path / "run")
+    session = setup(family_config(family, train={"max_steps": 3, "checkpoint_every": 3}), tmp_path / "run")
     m = session.models
     quantized = [mod for name, mod in m.unet.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
     plain = [name for name, mod in m.unet.named_modules() if type(mod) is torch.nn.Linear and "lora_" not in name]
     assert quantized and plain == []  # every frozen Linear is 4-bit (the adapters' own Linears are not)
     assert all(q.weight.dtype == torch.uint8 and q.weight.quant_state.quant_type == "nf4" for q in quantized)
-    modules = {"transformer": m.unet, "vae": m.vae, **m.text_encoders}
+    modules = {m.family.denoiser: m.unet, "vae": m.vae, **m.text_encoders}
     before = {f"{k}.{n}": p.detach().clone() for k, mod in modules.items() for n, p in mod.named_parameters()}
     fit(session)
     after = {f"{k}.{n}": p.detach().clone() for k, mod in modules.items() for n, p in mod.named_parameters()}
