@@ -8,7 +8,9 @@ Guarantees a user relies on:
 - nothing a user made is overwritten: a folder holding another generation's manifest, or images
   this run did not write, is refused with a clear message;
 - one generation writes into a folder at a time: a second one started on the same folder fails at
-  once (an flock on `OUT/.lock`, released by the kernel even when a run crashes).
+  once (an flock on `OUT/.lock`, released by the kernel even when a run crashes);
+- with `--privacy-filter`, an image too close to a training image is made again with the next seed
+  before it is written (privacy_filter.py), keeping every guarantee above.
 """
 
 from __future__ import annotations
