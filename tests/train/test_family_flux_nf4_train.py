@@ -194,3 +194,26 @@ def test_nf4_dreambooth_lora_with_prior_preservation_and_a_merged_export(family_
     plain = get_family("flux").pipeline_cls().from_pretrained(str(tiny_family_model("flux")))
     base, new = dict(plain.transformer.named_parameters()), dict(merged.transformer.named_parameters())
     assert base.keys() == new.keys() and any(not bool((base[k] == new[k]).all()) for k in base)
+
+
+@needs_cpu_nf4
+def test_a_base_to_quantize_is_read_in_the_mixed_precision_dtype(family_config, tmp_path, monkeypatch):
+    """Half the CPU memory of fp32 while the base waits to be quantized (Flux.1-dev: 24 GB instead of 48)."""
+    import torch
+
+    import synthcxr.models.load as load
+    from synthcxr.train.loop import setup
+
+    seen = []
+    real = load.load_pipeline
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("torch_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load, "load_pipeline", spy)
+    session = setup(family_config(train={"max_steps": 1, "mixed_precision": "bf16"}), tmp_path / "run")
+    assert seen == [torch.bfloat16] and session.models.unet.dtype == torch.bfloat16
+    setup(family_config(model={"quantize": "none"}, train={"max_steps": 1, "mixed_precision": "bf16"}),
+          tmp_path / "run2")
+    assert seen[1] is None  # an unquantized base still loads as before

@@ -431,13 +431,17 @@ def _save_split(cfg: TrainConfig, run: RunDir, records: list[Any], is_main: bool
 
 def _load_models(cfg: TrainConfig) -> tuple[Models, str, Any]:
     """The pipeline's modules, the base model as recorded, and the family's training objective."""
+    import torch
+
     from synthcxr.models.families import family_of
     from synthcxr.models.load import load_pipeline, resolve_source
     from synthcxr.train.objectives import build_objective
 
+    # a base that will be quantized is read in the mixed-precision dtype: half the CPU memory of fp32 meanwhile
+    dtype = getattr(torch, DTYPES[cfg.train.mixed_precision]) if cfg.model.quantize != "none" else None
     pipe = load_pipeline(cfg.model.path, prediction_type=cfg.model.prediction_type,
                          single_file_config=cfg.model.single_file_config, load_lora=False, family=cfg.model.family,
-                         drop_t5=cfg.model.drop_t5)
+                         drop_t5=cfg.model.drop_t5, torch_dtype=dtype)
     family = family_of(pipe)
     source = resolve_source(cfg.model.path)
     base = str(Path(cfg.model.path).resolve()) if source.kind in ("folder", "file") else cfg.model.path
