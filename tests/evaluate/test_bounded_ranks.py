@@ -33,6 +33,20 @@ def test_a_rank_takes_whole_batches_and_the_cache_must_be_on(tmp_path):
     assert "cache=false" in str(exc.value)
 
 
+def test_rank0_finds_the_shares_in_the_cache_and_warns_about_missing_ones(tmp_path, monkeypatch, caplog):
+    """In one process: rank 0 of a 2-rank job whose partner never ran (a cache the ranks do not share)."""
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    real = make_images(tmp_path / "real", 10, size=32, seed=1)
+    fake = make_images(tmp_path / "fake", 10, size=32, seed=2)
+    cfg = EvaluateConfig(real=real, fake=fake, out=tmp_path / "e.json", metrics=["fidelity"],
+                         extractor={"name": "random", "device": "cpu", "batch_size": 4}, fidelity={"ci_groups": 0})
+    results = evaluate_ranks(cfg, Shard(0, 2, group=True))
+    # rank 0's share (batches 0 and 2: 4 + 2 images of each set) came from the cache, the rest it computed
+    assert results["features"] == {"real": {"computed": 4, "cached": 6}, "fake": {"computed": 4, "cached": 6}}
+    assert "that the other ranks should have cached" in caplog.text and (tmp_path / "e.json").is_file()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

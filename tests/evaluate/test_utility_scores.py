@@ -87,6 +87,7 @@ def test_export_filters_by_the_evaluation_scores_and_the_card_counts_them(tmp_pa
     threshold = 0.5
     summary = export_dataset(gen, tmp_path / "release", ExportOptions(evaluation=out, label_threshold=threshold))
     disagree = {name for name, r in rows.items() if (float(r["score"]) >= threshold) != (r["label"] == TB)}
+    assert summary["label_scores"] == str(tmp_path / cond["scores_file"])
     counts = {f["name"]: f["removed"] for f in summary["filters"]}
     assert counts["conditioning"] == len(disagree) > 0
     assert {f"gen_{i:03d}.png" for i in SWAPPED} <= disagree  # the mislabelled images are the ones removed

@@ -16,7 +16,7 @@ def export_dataset(
     evaluation: Annotated[Path | None, typer.Option(help="`synthcxr evaluate` results JSON: removes flagged near copies; numbers go into the card.")] = None,
     label_scores: Annotated[Path | None, typer.Option(help="CSV file,score: real-trained classifier's positive-class probability per image (default: the one --evaluation saved).")] = None,
     label_threshold: Annotated[float, typer.Option(help="Score threshold of the conditioning filter.")] = 0.5,
-    conditioning: Annotated[bool, typer.Option("--conditioning/--no-conditioning", help="Conditioning-fidelity filter on the scores --evaluation saved.")] = True,
+    conditioning: Annotated[bool, typer.Option("--conditioning/--no-conditioning", help="Conditioning-fidelity filter (on --label-scores, else on the scores --evaluation saved).")] = True,
     dedupe: Annotated[bool, typer.Option("--dedupe/--no-dedupe", help="Remove images with identical pixels.")] = True,
     name: Annotated[str | None, typer.Option(help="Data set name in the card (default: the --out folder's name).")] = None,
 ) -> None:

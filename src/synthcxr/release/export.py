@@ -54,7 +54,7 @@ class ExportOptions:
     default: the one the evaluation saved, when `evaluation` is given and ran the utility metric."""
     label_threshold: float = 0.5
     conditioning: bool = True
-    """Filter on the scores the evaluation saved (`utility`'s `<out>_label_scores.csv`) when no CSV is given."""
+    """The conditioning filter (on `label_scores`, else on the scores the evaluation saved); False: none."""
     dedupe: bool = True
     name: str | None = None
     """Pretty name for the card (default: the output folder's name)."""
@@ -187,8 +187,10 @@ def export_dataset(gen_dir: str | os.PathLike, out: str | os.PathLike, opts: Exp
         raise ConfigError("the export folder is inside the generation folder", file=out,
                           fix="choose an --out folder outside the generation folder")
     evaluation = filters.read_evaluation(opts.evaluation) if opts.evaluation else None
-    scores_source = opts.label_scores or (filters.evaluation_scores(evaluation, opts.evaluation)
-                                          if evaluation is not None and opts.conditioning else None)
+    scores_source = None
+    if opts.conditioning:
+        scores_source = opts.label_scores or (filters.evaluation_scores(evaluation, opts.evaluation)
+                                              if evaluation is not None else None)
     scores = filters.read_scores(scores_source) if scores_source else None
     rows = read_generation(gen_dir)
     total = len(rows)
@@ -232,6 +234,7 @@ def export_dataset(gen_dir: str | os.PathLike, out: str | os.PathLike, opts: Exp
         "source": str(gen_dir.resolve()), "format": opts.format, "shard_size": opts.shard_size, "shards": len(shards),
         "images_in": total, "images_out": len(rows), "filters": [f.summary() for f in applied],
         "evaluation": str(opts.evaluation) if opts.evaluation else None,
+        "label_scores": str(scores_source) if scores is not None else None,
     }
     atomic_write_json(tmp / SUMMARY, summary)
     write_card(tmp / "README.md", summary=summary, rows=rows, gen_dir=gen_dir, evaluation=evaluation,

@@ -176,7 +176,8 @@ def conditioning(rows: list[dict[str, Any]], scores: dict[str, float], threshold
     missing = [r["file"] for r in rows if Path(r["file"]).name not in scores]
     if missing:
         raise ConfigError(f"{len(missing)} labelled image(s) have no score (e.g. {missing[0]})", file=source,
-                          fix="score every image of the generation folder, or export without --label-scores")
+                          fix="score every image of the generation folder (evaluate it as a whole), or export with "
+                              "--no-conditioning")
     for row in rows:
         result.checked.add(row["file"])
         agrees = (scores[Path(row["file"]).name] >= threshold) == (row[attr] == positive)
