@@ -51,12 +51,12 @@ def rows(out: Path) -> dict[str, dict]:
 def world(tiny_model_dir, pipe, tmp_path_factory):
     """A plain generation, a training set holding a copy of its image 1 (plus 12 fixture X-rays, so the
     thresholds are calibrated leave-one-out), and the filtered generation of the same settings."""
-    import os
-
     from synthcxr.data.fixtures import make_fixture_dataset
 
-    os.environ["SOURCE_DATE_EPOCH"] = "1780000000"  # module fixtures run outside the autouse one
+    env = pytest.MonkeyPatch()  # module fixtures run outside the autouse one
+    env.setenv("SOURCE_DATE_EPOCH", "1780000000")
     root = tmp_path_factory.mktemp("privacy")
+    env.setenv("SYNTHCXR_CACHE_DIR", str(root / "cache"))  # the feature cache, never the user's
     plain = generate_images(cfg_for(tiny_model_dir, root / "plain"), pipe=pipe)
     train = root / "train"
     train.mkdir()
@@ -66,7 +66,8 @@ def world(tiny_model_dir, pipe, tmp_path_factory):
     shutil.copy(plain / f"{COPIED:05d}.png", train / "copied.png")
     privacy = {"filter": "auto", "train": str(train), "extractor": {"name": "random"}, "device": "cpu"}
     filtered = generate_images(cfg_for(tiny_model_dir, root / "filtered", privacy), pipe=pipe)
-    return {"root": root, "plain": plain, "train": train, "privacy": privacy, "filtered": filtered}
+    yield {"root": root, "plain": plain, "train": train, "privacy": privacy, "filtered": filtered}
+    env.undo()
 
 
 def test_a_copy_of_a_training_image_is_discarded_and_made_with_the_next_seed(world):
@@ -103,6 +104,7 @@ def test_retry_seeds_stay_in_torchs_seed_range_and_never_meet_a_first_try():
     assert len(seeds) == 50 * 256
 
 
+@pytest.mark.slow
 def test_resume_and_shards_give_the_same_files(world, tiny_model_dir, pipe, tmp_path):
     expected, expected_rows = files(world["filtered"]), rows(world["filtered"])
     # killed after the first image: the rejected image's retry is made on the rerun, identically
@@ -126,6 +128,7 @@ def test_resume_and_shards_give_the_same_files(world, tiny_model_dir, pipe, tmp_
     assert files(sharded) == expected and rows(sharded) == expected_rows
 
 
+@pytest.mark.slow
 def test_retry_cap_leaves_the_image_out_with_a_clear_error_and_a_rerun_finishes_it(world, tiny_model_dir, pipe,
                                                                                     tmp_path):
     out = tmp_path / "capped"
@@ -162,12 +165,12 @@ def evaluation(world):
     return out
 
 
-def test_cli_filter_from_an_evaluation_json(world, evaluation, tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_cli_filter_from_an_evaluation_json(world, evaluation, tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
     from synthcxr.cli import app
 
-    monkeypatch.setenv("SYNTHCXR_CACHE_DIR", str(world["root"] / "cache"))
     evaluated = json.loads(evaluation.read_text())["memorization"]
     assert evaluated["n_flagged"] == 1  # the same rule flags the planted copy there ...
     out = tmp_path / "from_eval"
@@ -233,6 +236,7 @@ def test_auto_without_training_images_says_how_to_give_them(tmp_path):
 
 
 # --------------------------------------------------------------------------- re-identification
+@pytest.mark.slow
 def test_reid_scores_are_recorded_and_reject_above_their_threshold(world, tiny_model_dir, pipe, tmp_path):
     import torch
 
