@@ -62,6 +62,7 @@ def test_one_fidelity_table_per_extractor_naming_it_and_marking_random_weights()
     assert clip["rows"][1]["cells"][0][1] is True  # lower CMMD is better
     # numbers of different feature spaces no longer share the summary table
     assert "fid" in context["columns"] and not any("[" in c for c in context["columns"])
+    assert "fid[dinov2:vits14]" in [name for name, _, _ in context["metric_figs"]]  # its plot names the extractor
     html = render(context)
     assert "Fidelity in inception features" in html and "Fidelity in dinov2:vits14 features" in html
     assert html.count("random weights: not comparable") == 1

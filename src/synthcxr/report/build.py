@@ -285,6 +285,7 @@ def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -
     columns, rows, kinds = summary_table(data)
     # other feature spaces' numbers (`fid[dinov2]`, `cmmd[clip]`) are shown in their own fidelity tables
     columns = [c for c in columns if "[" not in c]
+    plotted = kinds["eval"]  # plots keep them: each plot's title names its extractor
     kinds = {k: [c for c in names if "[" not in c] for k, names in kinds.items()}
     best = {c: _best(rows, c) for c in [*kinds["eval"], *kinds["study"], "val_loss"]}
     table = [{"cells": [(cell(r.get(c)), c in best and best[c] == r["run"] and best[c] is not None) for c in columns],
@@ -303,9 +304,9 @@ def build_context(data: ReportData, *, max_samples: int = 8, thumb: int = 128) -
                             title="Validation loss (fixed timesteps and noise)", ylabel="validation loss", smooth=False,
                             colors=colors)
     metric_figs = []
-    for name in kinds["eval"]:
+    for name in plotted:
         values = {r.name: next((m for m in r.metric_list() if m.name == name), None) for r in grouped}
-        if direction(name) is None and len(kinds["eval"]) > 12:
+        if direction(name) is None and len(plotted) > 12:
             continue
         uri = plots.metric_plot(name, {k: v for k, v in values.items() if v is not None}, colors=colors)
         if uri:
