@@ -335,8 +335,10 @@ class PrivacyFilter:
                     "`synthcxr evaluate`); re-running with a larger --set privacy.max_tries=N makes only the missing images")
 
 
-def prepare_filter(plan: FilterPlan, cfg: PrivacyFilterConfig, out: Path) -> PrivacyFilter:
-    """Training features, thresholds (read or calibrated) and the re-ID network; writes OUT/privacy_filter.json."""
+def prepare_filter(plan: FilterPlan, cfg: PrivacyFilterConfig, out: Path, *, device: str | None = None) -> PrivacyFilter:
+    """Training features, thresholds (read or calibrated) and the re-ID network; writes OUT/privacy_filter.json.
+
+    `device`: the generation's (this rank's GPU), used when `privacy.device` is auto."""
     from synthcxr.evaluate.features import (
         FeatureCache,
         build_extractor,
@@ -347,8 +349,8 @@ def prepare_filter(plan: FilterPlan, cfg: PrivacyFilterConfig, out: Path) -> Pri
     from synthcxr.evaluate.images import load_gray_stack, read_image_set
     from synthcxr.evaluate.memorization import calibrate_null, holdout_images
 
-    device = resolve_device(cfg.device)
-    extractor = build_extractor(plan.extractor, default_cache_dir())
+    device = device if cfg.device == "auto" and device is not None else resolve_device(cfg.device)
+    extractor = build_extractor(plan.extractor.model_copy(update={"device": device}), default_cache_dir())
     if plan.extractor_id is not None and extractor.id != plan.extractor_id:
         raise ConfigError(f"the extractor gives other features now than when the evaluation was made (id "
                           f"{plan.extractor_id!r} there, {extractor.id!r} now: other weights or input size)",

@@ -186,7 +186,7 @@ def generate_images(
 
     # one writer per folder: a second generate into it fails here, before loading a model
     with hold_output(out, shard):
-        screen = prepare_filter(privacy_plan, cfg.privacy, out) if privacy_plan else None
+        screen = prepare_filter(privacy_plan, cfg.privacy, out, device=device) if privacy_plan else None
         done = _generate(cfg, pipe, on_image, out=out, device=device, dtype=dtype, jobs=jobs, exporter=exporter,
                          shard=shard, screen=screen)
     if screen is not None:
