@@ -5,6 +5,7 @@ uninterrupted run's exactly."""
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import signal
@@ -22,6 +23,13 @@ from synthcxr.fileio import read_jsonl
 CASES = [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"), ("pixart", "full"), ("sana", "full"),
          ("flux", "lora")]
 FAST = {("sdxl", "lora")}  # one case in the quick suite; the others run with the slow ones (CI runs both)
+# caches (with flips drawn per step) and bf16 autocast have state of their own on a resume: spread them
+# over the cases so that each is resumed by at least one family of each objective
+EXTRA = {("sd", "full"): {"train": {"cache_latents": "disk"}},
+         ("sdxl", "lora"): {"train": {"cache_latents": "ram", "mixed_precision": "bf16"}, "data": {"hflip": True}},
+         ("sd3", "lora"): {"train": {"cache_latents": "disk"}, "data": {"hflip": True}},
+         ("sana", "full"): {"train": {"cache_latents": "ram"}},
+         ("flux", "lora"): {"train": {"cache_latents": "ram", "mixed_precision": "bf16"}, "data": {"hflip": True}}}
 
 # state to restore: LoRA dropout (global RNG), EMA, warm-up + cosine schedule, accumulation, held-out loss
 HARD = {"data": {"split": {"val": 0.25, "test": 0.0}},
@@ -38,8 +46,11 @@ def family_config(tiny_family_model, train_data):
     from synthcxr.train.config import TrainConfig
 
     def make(family: str, method: str):
+        from conftest import deep_update
+
         extra = {"dropout": 0.1} if method == "lora" else {}
-        sections = {**HARD, "method": {"name": method, **extra}}
+        sections = deep_update(copy.deepcopy(HARD), {"method": {"name": method, **extra}})
+        deep_update(sections, copy.deepcopy(EXTRA.get((family, method), {})))
         return build_config(TrainConfig, tiny_config_dict(tiny_family_model(family), train_data, **sections))
 
     return make
