@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from train_helpers import deep_update, tiny_config_dict  # noqa: F401  (re-exported)
 
 
 @pytest.fixture(scope="session")
@@ -14,28 +15,6 @@ def train_data(tmp_path_factory) -> Path:
     from synthcxr.data.fixtures import make_fixture_dataset
 
     return make_fixture_dataset(tmp_path_factory.mktemp("train_data"), "shenzhen", n=8, size=64, seed=0)
-
-
-def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def tiny_config_dict(model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """A fast CPU config: 32 px (the tiny model is resolution-agnostic), batch 2, 3 steps, no sample images, checkpoints every step."""
-    base = {
-        "model": {"path": str(model_dir)},
-        "data": {"path": str(data_dir), "resolution": 32, "split": {"val": 0.0, "test": 0.0}},
-        "method": {"name": "lora", "rank": 4},
-        "optimizer": {"name": "adamw", "lr": 1e-3},
-        "train": {"max_steps": 3, "batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 10, "log_every": 1,
-                  "validation_seeds": [], "validation_steps": 1, "seed": 0},
-    }
-    return deep_update(base, sections)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ FAMILY_METHODS = [(f, m) for f in ("sdxl", "sd3") for m in ("lora", "full", "dre
 
 @pytest.fixture
 def family_config(tiny_family_model, train_data):
-    from conftest import tiny_config_dict
+    from train_helpers import tiny_config_dict
 
     from synthcxr.config import build_config
     from synthcxr.train.config import TrainConfig

@@ -20,7 +20,7 @@ def _families(quick=QUICK):
 
 @pytest.fixture
 def family_config(tiny_family_model, train_data):
-    from conftest import tiny_config_dict
+    from train_helpers import tiny_config_dict
 
     from synthcxr.config import build_config
     from synthcxr.train.config import TrainConfig

@@ -15,7 +15,7 @@ from synthcxr.errors import ConfigError
 
 @pytest.fixture
 def pixart_config(tiny_family_model, train_data):
-    from conftest import tiny_config_dict
+    from train_helpers import tiny_config_dict
 
     from synthcxr.config import build_config
     from synthcxr.train.config import TrainConfig

@@ -40,13 +40,13 @@ HARD = {"data": {"split": {"val": 0.25, "test": 0.0}},
 
 @pytest.fixture
 def family_config(tiny_family_model, train_data):
-    from conftest import tiny_config_dict
+    from train_helpers import tiny_config_dict
 
     from synthcxr.config import build_config
     from synthcxr.train.config import TrainConfig
 
     def make(family: str, method: str):
-        from conftest import deep_update
+        from train_helpers import deep_update
 
         extra = {"dropout": 0.1} if method == "lora" else {}
         sections = deep_update(copy.deepcopy(HARD), {"method": {"name": method, **extra}})
