@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     report = out / "grid" / "report.html"
     assert printed[-1] == str(report)  # the report's path is what the command prints
     html = report.read_text()
-    for run in ("lora-adamw", "dreambooth-prodigy"):
+    for run in ("full-adamw",):
         assert run in html
         run_dir = out / "grid" / "runs" / run
         assert (run_dir / "train" / "DONE").is_file()
@@ -35,21 +35,22 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert results["fidelity"]["fid"]["value"] >= 0
     # the base model, sampled with the same prompts and seeds, stands beside the runs with the KID change
     base_manifest = (out / "grid" / "runs" / "baseline" / "images" / "manifest.jsonl").read_text().splitlines()
-    run_manifest = (out / "grid" / "runs" / "lora-adamw" / "images" / "manifest.jsonl").read_text().splitlines()
+    run_manifest = (out / "grid" / "runs" / "full-adamw" / "images" / "manifest.jsonl").read_text().splitlines()
     assert [(json.loads(a)["prompt"], json.loads(a)["seed"]) for a in base_manifest] == \
         [(json.loads(b)["prompt"], json.loads(b)["seed"]) for b in run_manifest]
-    assert 'id="vs-baseline"' in html and "<b>lora-adamw</b>: KID" in html
-    assert "fine-tuned vs base model, lora-adamw: KID" in captured.err
+    assert 'id="vs-baseline"' in html and "<b>full-adamw</b>: KID" in html
+    assert "fine-tuned vs base model, full-adamw: KID" in captured.err
     tiny = json.loads((out / "model" / "synthcxr_tiny.json").read_text())
     assert tiny["vae"]["steps"] == 10 and tiny["vae"]["data"] == str((out / "data").resolve())
+    assert tiny["denoiser"] == "demo" and tiny["prediction_type"] == "v_prediction"
     analysis = json.loads((out / "grid" / "study" / "analysis.json").read_text())
-    assert {g["group"] for g in analysis["groups"]} == {"real", "baseline", "lora-adamw", "dreambooth-prodigy"}
+    assert {g["group"] for g in analysis["groups"]} == {"real", "baseline", "full-adamw"}
     assert 'alt="training loss curves"' in html and 'alt="sample"' in html and "realism" in html
     summary = (out / "grid" / "summary.csv").read_text()
-    assert "lora-adamw" in summary and "dreambooth-prodigy" in summary
+    assert "full-adamw" in summary and "baseline" in summary
 
     # a second run reuses every finished step
-    mtime = (out / "grid" / "runs" / "lora-adamw" / "eval.json").stat().st_mtime
+    mtime = (out / "grid" / "runs" / "full-adamw" / "eval.json").stat().st_mtime
     started = time.perf_counter()
     main(["demo", "--out", str(out), *fast])
     second = time.perf_counter() - started
@@ -57,8 +58,28 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     for name, run in status["runs"].items():
         train = "none" if name == "baseline" else "skipped"
         assert run["steps"] == {"train": train, "generate": "skipped", "evaluate": "skipped"}
-    assert (out / "grid" / "runs" / "lora-adamw" / "eval.json").stat().st_mtime == mtime
+    assert (out / "grid" / "runs" / "full-adamw" / "eval.json").stat().st_mtime == mtime
     assert second < first
+
+
+def test_demo_base_model_is_built_to_learn_fast_and_sample_from_pure_noise():
+    """The demo's denoiser predicts v (its target at high noise is the image), its schedule ends at (almost)
+    zero signal for 32 x 32 latents, its sampler starts at the last training timestep (trailing spacing:
+    a 10-step DDIM with SD's leading spacing starts at t=901, where the model expects signal that pure
+    noise lacks), and cross-attention sits only at the lowest resolution (cheap on a CPU, sees the image)."""
+    from synthcxr.generate.schedulers import make_scheduler
+    from synthcxr.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(sample_size=64, denoiser="demo")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert float(pipe.scheduler.alphas_cumprod[-1]) < 1e-3
+    sampler = make_scheduler("ddim", pipe.scheduler.config)
+    sampler.set_timesteps(10)
+    assert int(sampler.timesteps[0]) == pipe.scheduler.config.num_train_timesteps - 1
+    assert pipe.unet.config.down_block_types[-1] == "CrossAttnDownBlock2D"
+    assert "CrossAttnDownBlock2D" not in pipe.unet.config.down_block_types[:-1]
+    # the test models everyone else builds stay as they were
+    assert build_tiny_pipeline(sample_size=64).scheduler.config.prediction_type == "epsilon"
 
 
 def test_demo_refuses_a_folder_whose_model_was_fitted_to_other_data(tmp_path, capsys):

@@ -3,11 +3,12 @@
 It makes a small chest X-ray data set (or uses `--data`, e.g. the real Shenzhen/Montgomery
 sample) and a tiny Stable Diffusion model whose autoencoder is fitted to that data (a random one
 decodes everything to noise, so nothing learnt would show) while its denoiser stays random. Then a
-grid — the base model as it is (`baseline`), LoRA + AdamW and DreamBooth + Prodigy, a few hundred
-steps at 64 px — goes through generation (same prompts and seeds for every run), evaluation
-(Inception KID/FID against the data) and a reader study answered by simulated readers, and the
-HTML report shows each run's samples beside the base model's with the KID change. The grid is
-saved as `OUT/demo_grid.yaml`, a starting point for a real grid. Re-running reuses every finished step.
+grid — the base model as it is (`baseline`) and a full fine-tune of its denoiser (AdamW, a few
+hundred steps of 8 images at 64 px; a random denoiser has nothing for LoRA to adapt) — goes through
+generation (same prompts and seeds for every run), evaluation (Inception KID/FID against the data)
+and a reader study answered by simulated readers, and the HTML report shows the fine-tuned samples
+beside the base model's with the KID change. The grid is saved as `OUT/demo_grid.yaml`, a starting
+point for a real grid (add methods and optimizers to its axes). Re-running reuses every finished step.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from typing import Annotated, Any
 import typer
 
 DEFAULT_OUT = Path("synthcxr-demo")
-DEFAULT_STEPS = 200
-"""Training steps per run: enough for the random denoiser to learn the coarse anatomy at 64 px."""
+DEFAULT_STEPS = 400
+"""Training steps (batches of 8): enough for the random denoiser to learn the anatomy at 64 px (BENCHMARKS.md)."""
 DEFAULT_VAE_STEPS = 300
-DEMO_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 PROMPTS_CSV = "label,sex,age,n\ntuberculosis,male,45,2\ntuberculosis,female,38,2\nnormal,male,52,2\nnormal,female,29,2\n"
 """Conditioned prompts for generation: both labels and sexes, so utility and conditioning checks have data."""
 
@@ -34,23 +34,22 @@ def demo_grid(model: Path, data: Path, prompts_csv: Path, steps: int, extractor:
         "base": {
             "model": {"path": str(model)},
             "data": {"path": str(data), "resolution": 64, "split": {"val": 0.2, "test": 0.2, "seed": 0}},
-            # the denoiser is random: LoRA needs a high rank, a high rate and the attention blocks' MLPs too
-            "method": {"name": "lora", "rank": 16, "target_modules": DEMO_LORA_TARGETS},
-            "optimizer": {"name": "adamw", "lr": 1e-2},
+            # the denoiser starts random: train all of it, at a rate a small network takes from scratch
+            "method": {"name": "full"},
+            "optimizer": {"name": "adamw", "lr": 3e-3},
+            "schedule": {"name": "cosine", "warmup_steps": max(1, steps // 20)},
             "train": {
-                "max_steps": steps, "batch_size": 2, "seed": 0, "log_every": 1, "checkpoint_every": steps,
-                "keep_checkpoints": 1, "validate_every": max(1, steps // 2), "validation_steps": 2,
-                "validation_seeds": [0], "max_validation_images": 4, "validation_timesteps": [200, 600],
-                "cache_latents": "ram",
+                "max_steps": steps, "batch_size": 8, "seed": 0, "log_every": 1, "checkpoint_every": steps,
+                "keep_checkpoints": 1, "validate_every": max(1, steps // 2), "validation_steps": 10,
+                "validation_guidance": 1.0, "validation_seeds": [0], "max_validation_images": 4,
+                "validation_timesteps": [200, 600], "cache_latents": "ram",
             },
         },
-        "axes": {
-            "method": {"lora": {}, "dreambooth": {"optimizer.lr": 5e-6}},
-            "optimizer": {"adamw": {}, "prodigy": {"optimizer.lr": 1.0, "optimizer.weight_decay": 0.0}},
-        },
-        "exclude": [{"method": "lora", "optimizer": "prodigy"}, {"method": "dreambooth", "optimizer": "adamw"}],
+        "axes": {"method": {"full": {}}, "optimizer": {"adamw": {}}},
         "baseline": True,
-        "generate": {"prompts_csv": str(prompts_csv), "seed": 100, "steps": 4, "guidance": 1.0, "scheduler": "ddim",
+        # an unguided 10-step DDIM from the last timestep (the model's trailing spacing): guidance needs
+        # an unconditional branch the short fine-tune has not learnt apart from the conditional one
+        "generate": {"prompts_csv": str(prompts_csv), "seed": 100, "steps": 10, "guidance": 1.0, "scheduler": "ddim",
                      "batch_size": 8, "device": "cpu"},
         "evaluate": {
             "real": str(data),
@@ -100,7 +99,7 @@ def _prepare_model(out: Path, data: Path, vae_steps: int) -> Path:
     from synthcxr.models.tiny import make_tiny_model
     from synthcxr.models.tiny_vae import VaeFit
 
-    make_tiny_model(model, sample_size=64, vae_data=data, vae_fit=VaeFit(steps=vae_steps))
+    make_tiny_model(model, sample_size=64, vae_data=data, vae_fit=VaeFit(steps=vae_steps), denoiser="demo")
     return model.resolve()
 
 
@@ -153,7 +152,7 @@ def demo(
     inception: Annotated[bool, typer.Option("--inception/--random-features", help="Score with the standard Inception FID network (default), or a random-init feature extractor (faster; numbers mean little).")] = True,
     vae_steps: Annotated[int, typer.Option(help="Steps fitting the tiny model's autoencoder to the data (once; reused on re-runs).")] = DEFAULT_VAE_STEPS,
 ) -> None:
-    """Tiny model + sample data -> two-run grid -> generation -> evaluation -> simulated reader study -> report."""
+    """Tiny model + sample data -> base model vs a fine-tune -> generation -> evaluation -> simulated reader study -> report."""
     started = time.perf_counter()
     report, result = run_demo(out, data, steps=steps, extractor="inception" if inception else "random",
                               vae_steps=vae_steps)

@@ -20,6 +20,22 @@ log = get_logger(__name__)
 
 TINY_TEXT_DIM = 32
 
+DEMO_DENOISER = {
+    # three levels (32 -> 16 -> 8 latent px at 64 px) with cross-attention only at the lowest: the
+    # receptive field covers the whole chest and attention costs little on a CPU (attention over all
+    # 32 x 32 latent pixels made a training step about 5x slower)
+    "unet": {"block_out_channels": (32, 64, 64), "layers_per_block": 1,
+             "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+             "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")},
+    # DDPM's linear betas (made for 32 x 32 images) end at almost zero signal, unlike SD's schedule
+    # (made for 64 x 64 latents); v-prediction's target at high noise is the image itself, so the
+    # coarse anatomy is learnt first; trailing spacing starts sampling at the last timestep (pure noise)
+    "scheduler": {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear", "clip_sample": False,
+                  "set_alpha_to_one": False, "steps_offset": 0, "prediction_type": "v_prediction",
+                  "timestep_spacing": "trailing"},
+}
+"""The denoiser `synthcxr demo` fine-tunes from random weights in a few CPU minutes (`denoiser="demo"`)."""
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode map (same as transformers' CLIP tokenizer uses)."""
@@ -60,11 +76,13 @@ def build_tiny_pipeline(
     prediction_type: str = "epsilon",
     seed: int = 0,
     tokenizer_dir: Path | None = None,
+    denoiser: str = "test",
 ):
     """Return a tiny `StableDiffusionPipeline` (about 1M parameters) with random weights.
 
     `sample_size` is the pixel resolution it is meant for (the VAE downsamples by 2 here, not 8,
-    to keep latents non-trivial at 64 px).
+    to keep latents non-trivial at 64 px). `denoiser="demo"` builds the one the demo fine-tunes
+    (DEMO_DENOISER below); "test" the smallest one every test uses.
     """
     import tempfile
 
@@ -72,18 +90,22 @@ def build_tiny_pipeline(
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    if denoiser not in ("test", "demo"):
+        raise ValueError(f"unknown tiny denoiser {denoiser!r}; use test or demo")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size // 2,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TINY_TEXT_DIM,
         attention_head_dim=8,
         norm_num_groups=8,
+        **(DEMO_DENOISER["unet"] if denoiser == "demo" else {
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        }),
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -112,7 +134,7 @@ def build_tiny_pipeline(
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = write_tiny_tokenizer(Path(tokenizer_dir or tmp))
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-    scheduler = DDIMScheduler(
+    scheduler = DDIMScheduler(**DEMO_DENOISER["scheduler"]) if denoiser == "demo" else DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -134,7 +156,7 @@ def build_tiny_pipeline(
 
 
 def make_tiny_model(out_dir: str | Path, *, sample_size: int = 64, prediction_type: str = "epsilon", seed: int = 0,
-                    vae_data: str | Path | None = None, vae_fit: VaeFit | None = None) -> Path:
+                    vae_data: str | Path | None = None, vae_fit: VaeFit | None = None, denoiser: str = "test") -> Path:
     """Build the tiny pipeline and save it as a diffusers folder that `load_pipeline` reads.
 
     With `vae_data` its VAE is then fitted to those images (models/tiny_vae.py), so that what a
@@ -143,12 +165,12 @@ def make_tiny_model(out_dir: str | Path, *, sample_size: int = 64, prediction_ty
     from synthcxr.models.load import library_progress_bars_off
 
     out_dir = Path(out_dir)
-    pipe = build_tiny_pipeline(sample_size=sample_size, prediction_type=prediction_type, seed=seed)
+    pipe = build_tiny_pipeline(sample_size=sample_size, prediction_type=prediction_type, seed=seed, denoiser=denoiser)
     with library_progress_bars_off():
         pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "synthcxr_tiny.json").write_text(
-        json.dumps({"sample_size": sample_size, "prediction_type": prediction_type, "seed": seed,
-                    "note": "random weights; for tests and demos only"})
+        json.dumps({"sample_size": sample_size, "prediction_type": pipe.scheduler.config.prediction_type,
+                    "seed": seed, "denoiser": denoiser, "note": "random weights; for tests and demos only"})
     )
     if vae_data is not None:
         fit_saved_vae(out_dir, vae_data, vae_fit or VaeFit(seed=seed))
