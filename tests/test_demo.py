@@ -82,6 +82,19 @@ def test_demo_base_model_is_built_to_learn_fast_and_sample_from_pure_noise():
     assert build_tiny_pipeline(sample_size=64).scheduler.config.prediction_type == "epsilon"
 
 
+def test_demo_leaves_utility_out_when_the_data_is_too_small_to_test_a_classifier(tmp_path):
+    """12 real images (6 per label) leave 1 + 1 in a 20% test split: utility failed every run (and so the
+    study) on `--data`; the demo now measures it only with >= 10 images of each label."""
+    from synthcxr.data.fixtures import make_fixture_dataset
+    from synthcxr.demo import demo_metrics
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    make_fixture_dataset(small, layout="shenzhen", n=6, size=32, seed=0)
+    make_fixture_dataset(large, layout="shenzhen", n=30, size=32, seed=0)
+    assert "utility" not in demo_metrics(small) and "fidelity" in demo_metrics(small)
+    assert "utility" in demo_metrics(large)
+
+
 def test_demo_refuses_a_folder_whose_model_was_fitted_to_other_data(tmp_path, capsys):
     import json as _json
 
