@@ -48,7 +48,7 @@ def split_native(data: Path, work: Path, every: int) -> tuple[Path, Path]:
         for i, png in enumerate(sorted((root / "CXR_png").glob("*.png"))):
             dest = (held if i % every == every - 1 else train) / root.name
             for sub, item in (("CXR_png", png), ("ClinicalReadings", root / "ClinicalReadings" / f"{png.stem}.txt")):
-                if item.exists():
+                if item.exists() and not (dest / sub / item.name).exists():  # --skip-demo: linked already
                     (dest / sub).mkdir(parents=True, exist_ok=True)
                     (dest / sub / item.name).symlink_to(item.resolve())
     if not n_sets:
